@@ -1,0 +1,1 @@
+"""Reading cases: layouts, image files, input checks, synthetic phantoms."""

@@ -1,0 +1,1 @@
+"""Fingerprint the data, then plan spacing, normalization, patch, network and batch."""

@@ -1,0 +1,159 @@
+"""``plans.json``: what the planner decided, as dataclasses that round-trip through JSON.
+
+The file is meant to be read and edited by hand; ``Plans.load`` validates it so that a bad
+edit fails with a message naming the field instead of deep inside training.
+
+Conventions: every size and spacing is in array order (z, y, x); a ``2d`` configuration gives
+its in-plane sizes as (y, x)-like pairs of the slicing plane it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autopetseg.errors import InputError
+from autopetseg.io_utils import read_json, write_json
+
+PLANS_VERSION = 1
+CHANNELS = ("PET", "CT")  # channel order everywhere: 0 = PET (SUV), 1 = CT
+
+
+@dataclass
+class NormalizationPlan:
+    """Per-channel intensity normalization applied by preprocessing.
+
+    CT: clip to [ct_clip_hu[0], ct_clip_hu[1]] and scale linearly to [0, 1] (GDFL paper).
+    PET: kept in SUV; clipped at ``pet_clip_suv`` when that is not ``None``.
+    """
+
+    ct_clip_hu: tuple[float, float] = (-1024.0, 1024.0)
+    pet_clip_suv: float | None = None
+
+
+@dataclass
+class NetworkTopology:
+    """Encoder-decoder shape shared by the U-Net-like networks.
+
+    ``strides[0]`` is the first stage's stride (normally all 1s); stage s downsamples its input by
+    ``strides[s]``. ``features_per_stage[s]`` channels at stage s; the last stage is the bottleneck.
+    """
+
+    features_per_stage: list[int]
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    num_res_units: int = 2
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features_per_stage)
+
+
+@dataclass
+class ConfigurationPlan:
+    name: str  # "3d_fullres" or "2d"
+    data_identifier: str  # cache sub-folder holding this configuration's data
+    spacing_zyx: list[float]
+    patch_size: list[int]
+    batch_size: int
+    network: NetworkTopology
+    # Free-form notes the planner writes for a human reader (the budget it planned for, ...).
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.patch_size)
+
+
+@dataclass
+class ComputeBudget:
+    """What the plans are sized for: a GPU with ``gpu_memory_gb`` or a CPU (``device='cpu'``)."""
+
+    device: str = "cuda"  # "cuda" or "cpu"
+    gpu_memory_gb: float = 8.0
+
+
+@dataclass
+class Plans:
+    dataset: str
+    budget: ComputeBudget
+    target_spacing_zyx: list[float]
+    normalization: NormalizationPlan
+    configurations: dict[str, ConfigurationPlan]
+    channels: tuple[str, ...] = CHANNELS
+    version: int = PLANS_VERSION
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plans":
+        path = Path(path)
+        try:
+            raw = read_json(path)
+            return cls.from_dict(raw)
+        except FileNotFoundError:
+            raise InputError("plans file not found; run `autopetseg plan_and_preprocess` first", file=path) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"invalid plans file: {exc}", file=path) from None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Plans":
+        if raw.get("version") != PLANS_VERSION:
+            raise ValueError(f"version {raw.get('version')!r}, this autopetseg reads version {PLANS_VERSION}")
+        norm = raw["normalization"]
+        configurations = {}
+        for name, c in raw["configurations"].items():
+            net = NetworkTopology(**c["network"])
+            conf = ConfigurationPlan(**{**c, "network": net})
+            _validate_configuration(conf)
+            configurations[name] = conf
+        plans = cls(
+            dataset=str(raw["dataset"]),
+            budget=ComputeBudget(**raw["budget"]),
+            target_spacing_zyx=[float(s) for s in raw["target_spacing_zyx"]],
+            normalization=NormalizationPlan(
+                ct_clip_hu=tuple(float(v) for v in norm["ct_clip_hu"]),
+                pet_clip_suv=None if norm.get("pet_clip_suv") is None else float(norm["pet_clip_suv"]),
+            ),
+            configurations=configurations,
+            channels=tuple(raw.get("channels", CHANNELS)),
+            version=int(raw["version"]),
+        )
+        if plans.channels != CHANNELS:
+            raise ValueError(f"channels must be {list(CHANNELS)}, got {list(plans.channels)}")
+        lo, hi = plans.normalization.ct_clip_hu
+        if not lo < hi:
+            raise ValueError(f"normalization.ct_clip_hu must be increasing, got {[lo, hi]}")
+        return plans
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        if name not in self.configurations:
+            raise InputError(f"configuration {name!r} is not in the plans (have: {sorted(self.configurations)})")
+        return self.configurations[name]
+
+
+def _validate_configuration(c: ConfigurationPlan) -> None:
+    where = f"configurations.{c.name}"
+    if c.ndim not in (2, 3):
+        raise ValueError(f"{where}.patch_size must have 2 or 3 entries, got {c.patch_size}")
+    if len(c.spacing_zyx) != 3 or any(s <= 0 for s in c.spacing_zyx):
+        raise ValueError(f"{where}.spacing_zyx must be 3 positive numbers, got {c.spacing_zyx}")
+    if c.batch_size < 1 or any(p < 1 for p in c.patch_size):
+        raise ValueError(f"{where}: batch_size and patch_size must be positive")
+    net = c.network
+    if not (len(net.strides) == len(net.kernel_sizes) == net.n_stages):
+        raise ValueError(f"{where}.network: features_per_stage, strides and kernel_sizes need one entry per stage")
+    for s in range(net.n_stages):
+        if len(net.strides[s]) != c.ndim or len(net.kernel_sizes[s]) != c.ndim:
+            raise ValueError(f"{where}.network: stage {s} stride/kernel must have {c.ndim} entries")
+    total = [1] * c.ndim
+    for stride in net.strides:
+        total = [t * s for t, s in zip(total, stride)]
+    if any(p % t for p, t in zip(c.patch_size, total)):
+        raise ValueError(f"{where}.patch_size {c.patch_size} must be divisible by the total stride {total}")
+
+
+def as_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
