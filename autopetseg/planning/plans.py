@@ -60,6 +60,9 @@ class ConfigurationPlan:
     network: NetworkTopology
     # Free-form notes the planner writes for a human reader (the budget it planned for, ...).
     notes: dict[str, object] = field(default_factory=dict)
+    # 2d only: the array axis (0 = z, 1 = y, 2 = x) the slices are taken across; 1 = coronal
+    # slices, whose patch is a (z, x) pair. None for 3d.
+    slice_axis: int | None = None
 
     @property
     def ndim(self) -> int:
@@ -68,10 +71,24 @@ class ConfigurationPlan:
 
 @dataclass
 class ComputeBudget:
-    """What the plans are sized for: a GPU with ``gpu_memory_gb`` or a CPU (``device='cpu'``)."""
+    """What the plans are sized for: a GPU with ``gpu_memory_gb`` or a CPU (``device='cpu'``).
+
+    On a CPU the planner sizes the network so that one training iteration (forward, backward and
+    optimizer step of one batch) takes about ``cpu_seconds_per_iteration`` on ``cpu_cores`` cores.
+    """
 
     device: str = "cuda"  # "cuda" or "cpu"
     gpu_memory_gb: float = 8.0
+    cpu_cores: int = 2
+    cpu_seconds_per_iteration: float = 1.0
+
+    def validate(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"budget.device must be 'cuda' or 'cpu', got {self.device!r}")
+        if not self.gpu_memory_gb > 0 or not self.cpu_seconds_per_iteration > 0:
+            raise ValueError("budget.gpu_memory_gb and budget.cpu_seconds_per_iteration must be positive")
+        if not isinstance(self.cpu_cores, int) or self.cpu_cores < 1:
+            raise ValueError(f"budget.cpu_cores must be a positive integer, got {self.cpu_cores!r}")
 
 
 @dataclass
@@ -95,7 +112,9 @@ class Plans:
             return cls.from_dict(raw)
         except FileNotFoundError:
             raise InputError("plans file not found; run `autopetseg plan_and_preprocess` first", file=path) from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise InputError(f"invalid plans file: missing field {exc}", file=path) from None
+        except (TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"invalid plans file: {exc}", file=path) from None
 
     @classmethod
@@ -109,9 +128,11 @@ class Plans:
             conf = ConfigurationPlan(**{**c, "network": net})
             _validate_configuration(conf)
             configurations[name] = conf
+        budget = ComputeBudget(**raw["budget"])
+        budget.validate()
         plans = cls(
             dataset=str(raw["dataset"]),
-            budget=ComputeBudget(**raw["budget"]),
+            budget=budget,
             target_spacing_zyx=[float(s) for s in raw["target_spacing_zyx"]],
             normalization=NormalizationPlan(
                 ct_clip_hu=tuple(float(v) for v in norm["ct_clip_hu"]),
@@ -134,8 +155,24 @@ class Plans:
         return self.configurations[name]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _validate_configuration(c: ConfigurationPlan) -> None:
     where = f"configurations.{c.name}"
+    net = c.network
+    int_lists = {"patch_size": [c.patch_size], "network.features_per_stage": [net.features_per_stage]}
+    int_lists["network.strides"] = list(net.strides)
+    int_lists["network.kernel_sizes"] = list(net.kernel_sizes)
+    for name, lists in int_lists.items():
+        for values in lists:
+            if not isinstance(values, list) or not all(_is_int(v) and v >= 1 for v in values):
+                raise ValueError(f"{where}.{name} must hold positive integers, got {values!r}")
+    if not _is_int(c.batch_size):
+        raise ValueError(f"{where}.batch_size must be an integer, got {c.batch_size!r}")
+    if c.ndim == 2 and c.slice_axis not in (0, 1, 2):
+        raise ValueError(f"{where}.slice_axis must be 0, 1 or 2 for a 2d configuration, got {c.slice_axis!r}")
     if c.ndim not in (2, 3):
         raise ValueError(f"{where}.patch_size must have 2 or 3 entries, got {c.patch_size}")
     if len(c.spacing_zyx) != 3 or any(s <= 0 for s in c.spacing_zyx):

@@ -1,0 +1,235 @@
+"""The ``autopetseg`` command line: one sub-command per pipeline stage.
+
+Heavy imports (torch, the stages) happen inside each command so ``autopetseg --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from autopetseg import __version__
+from autopetseg.errors import InputError
+
+log = logging.getLogger("autopetseg")
+
+
+def _report_failures(failures, what: str) -> int:
+    """Print the bad cases, one line each; the exit code a folder run ends with."""
+    if not failures:
+        return 0
+    print(f"{len(failures)} case(s) failed during {what}:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return 1
+
+
+def cmd_synth(args) -> int:
+    from autopetseg.data.synthetic import synthesize_dataset
+
+    out = synthesize_dataset(
+        args.output,
+        n_cases=args.num_cases,
+        layout=args.layout,
+        seed=args.seed,
+        preset=args.preset,
+        pet_spacing_zyx=tuple(args.pet_spacing) if args.pet_spacing else None,
+        with_labels=not args.no_labels,
+        num_processes=args.num_processes,
+    )
+    print(f"wrote {args.num_cases} synthetic cases ({args.layout} layout) to {out}")
+    return 0
+
+
+def cmd_plan_and_preprocess(args) -> int:
+    from autopetseg.pipeline import plan_and_preprocess
+    from autopetseg.planning.plans import ComputeBudget
+
+    budget = ComputeBudget(device="cpu") if args.device == "cpu" else ComputeBudget(device="cuda", gpu_memory_gb=args.gpu_memory)
+    result = plan_and_preprocess(
+        args.dataset,
+        configurations=tuple(args.configurations),
+        budget=budget,
+        num_processes=args.num_processes,
+        overwrite=args.overwrite,
+        raw_root=args.raw,
+        preprocessed_root=args.preprocessed,
+    )
+    for name, conf in result.plans.configurations.items():
+        print(f"{name}: spacing {conf.spacing_zyx} mm, patch {conf.patch_size}, batch {conf.batch_size}, "
+              f"features {conf.network.features_per_stage}")
+    print(f"preprocessed data in {result.output_dir}")
+    return _report_failures(result.failures, "plan_and_preprocess")
+
+
+def cmd_train(args) -> int:
+    from autopetseg.training.run import run_training
+
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    fold_dir = run_training(
+        args.dataset,
+        fold,
+        trainer=args.trainer,
+        configuration=args.configuration,
+        preprocessed_root=args.preprocessed,
+        results_root=args.results,
+        device=args.device,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations,
+        continue_training=args.continue_training,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        network=args.network,
+    )
+    if fold_dir is not None:
+        print(f"trained fold {fold}: {fold_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from autopetseg.evaluation.evaluate import evaluate_folder
+
+    out_dir = Path(args.output) if args.output else Path(args.predictions)
+    rows, summary = evaluate_folder(args.predictions, args.ground_truth, out_dir)
+    for key in ("n_cases", "n_positive", "mean_dsc", "mean_fpv_ml", "mean_fnv_ml"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+    print(f"per-case metrics and summary in {out_dir}")
+    if args.report:
+        from autopetseg.evaluation.report import report_folder
+
+        print(f"lesion-level report (L1DFL paper analysis) in {report_folder(args.predictions, args.ground_truth, out_dir, rows)}")
+    if getattr(args, "png", False):
+        from autopetseg.inference.pictures import PNG_FOLDER, write_evaluation_pictures
+
+        pictures = write_evaluation_pictures(args.predictions, args.ground_truth, out_dir / PNG_FOLDER)
+        print(f"{len(pictures)} MIP picture(s) in {out_dir / PNG_FOLDER}")
+    missing = summary.get("missing_predictions") or []
+    return 1 if missing else 0
+
+
+def cmd_predict(args) -> int:
+    from autopetseg.inference.predictor import PredictorSettings, predict_folder
+
+    settings = PredictorSettings(
+        folds=args.folds,
+        checkpoint=args.checkpoint,
+        ensemble=args.ensemble,
+        device=args.device,
+        tta=args.tta,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        min_suv=args.min_suv,
+        save_probabilities=args.save_probabilities,
+        png=args.png,
+        overwrite=args.overwrite,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
+    )
+    report = predict_folder(args.input, args.output, args.model, settings)
+    print(f"predicted {len(report.predicted)} case(s), {len(report.skipped)} finished before; "
+          f"masks and {report.csv_path.name} in {report.output_dir}")
+    if report.n_windows:
+        print(f"sliding windows: {report.n_windows - report.n_windows_skipped} of {report.n_windows} run")
+    return _report_failures(report.failures, "predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autopetseg", description="Self-configuring lesion segmentation for whole-body PET/CT.")
+    parser.add_argument("--version", action="version", version=f"autopetseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic PET/CT phantom dataset")
+    p.add_argument("output", type=Path, help="dataset folder to create, e.g. data/Dataset001_Phantoms")
+    p.add_argument("-n", "--num-cases", type=int, default=30)
+    p.add_argument("--layout", choices=("nnunet", "autopet", "flat"), default="nnunet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=("tiny", "wholebody"), default="tiny",
+                   help="tiny: small phantoms for CPU runs and tests; wholebody: adult size for benchmarks")
+    p.add_argument("--pet-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="PET voxel size in mm")
+    p.add_argument("--no-labels", action="store_true", help="write no lesion masks (inputs for predict)")
+    p.add_argument("-np", "--num-processes", type=int, default=1)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("plan_and_preprocess", help="fingerprint a dataset, plan the experiment, preprocess into the cache")
+    p.add_argument("-d", "--dataset", required=True, help="dataset folder, or Dataset###_Name / id under $AUTOPETSEG_RAW")
+    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"], choices=("3d_fullres", "2d"))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory to plan for, GB (default 8)")
+    budget.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: plan a network and patch that train in minutes on a CPU")
+    p.add_argument("-np", "--num-processes", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help="redo the fingerprint, plans and every case")
+    p.add_argument("--raw", help="raw root (default $AUTOPETSEG_RAW)")
+    p.add_argument("--preprocessed", help="preprocessed root (default $AUTOPETSEG_PREPROCESSED)")
+    p.set_defaults(func=cmd_plan_and_preprocess)
+
+    p = sub.add_parser("train", help="train one fold (or 'all') of a trainer variant")
+    p.add_argument("dataset", help="Dataset###_Name, id, or path of the preprocessed dataset folder")
+    p.add_argument("fold", help="0-4 or 'all'")
+    p.add_argument("-tr", "--trainer", default="gdfl")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("--network", help="network architecture (default: the trainer's), e.g. resunet, attention_unet, segresnet")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iterations", type=int, help="iterations per epoch")
+    p.add_argument("--continue", dest="continue_training", action="store_true", help="resume from checkpoint_latest")
+    p.add_argument("--num-workers", type=int, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preprocessed", help="preprocessed root (default $AUTOPETSEG_PREPROCESSED)")
+    p.add_argument("--results", help="results root (default $AUTOPETSEG_RESULTS)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score predictions with the autoPET challenge metrics")
+    p.add_argument("-p", "--predictions", required=True, help="folder of <case>.nii.gz masks")
+    p.add_argument("-g", "--ground-truth", required=True, help="folder of cases with labels (any accepted layout)")
+    p.add_argument("-o", "--output", help="where metrics.csv and summary.json go (default: the predictions folder)")
+    p.add_argument("--report", action="store_true",
+                   help="also write the L1DFL paper's lesion-level analysis (CSV + PNG) to <output>/report/")
+    p.add_argument("--png", action="store_true", help="a coronal PET MIP per case with ground-truth (green) and "
+                   "predicted (red) contours in <output>/png/")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="lesion masks and clinical numbers for a folder of cases, from an ensemble of folds")
+    p.add_argument("-i", "--input", required=True, help="folder of cases (any accepted layout; labels not needed)")
+    p.add_argument("-o", "--output", required=True, help="where <case>.nii.gz and predictions.csv go")
+    p.add_argument("-m", "--model", required=True, help="model folder <results>/<Dataset>/<trainer>__<configuration>")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: every trained fold)")
+    p.add_argument("--checkpoint", choices=("best", "final"), default="best")
+    p.add_argument("--ensemble", choices=("mean", "dice_weighted"), default="mean",
+                   help="dice_weighted: folds weighted by their validation mean DSC (GDFL paper)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                   help="test-time mirroring along the trained mirror axes (default off, as in the GDFL paper)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
+    p.add_argument("--min-suv", type=float, metavar="SUV",
+                   help="skip windows whose PET never exceeds this SUV (faster; lesions below it are missed)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write probabilities/<case>.nii.gz (float32)")
+    p.add_argument("--png", action="store_true", help="a coronal PET MIP per case with the contours in <output>/png/")
+    p.add_argument("--overwrite", action="store_true", help="redo cases finished by an earlier run")
+    p.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (GPUs, jobs)")
+    p.add_argument("--part-id", type=int, default=0, help="which part this run predicts (0-based)")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except InputError as error:
+        print(f"autopetseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autopetseg {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

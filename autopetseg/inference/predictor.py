@@ -1,0 +1,415 @@
+"""``autopetseg predict``: lesion masks for a folder of PET/CT cases from an ensemble of folds.
+
+Per case:
+
+1. load and check the case (any accepted layout, no label needed), preprocess it in memory
+   exactly as training did (body crop, normalisation, resampling to the plans' spacing);
+2. sliding-window prediction (``sliding_window.py``): Gaussian weighting, overlap 0.5, windows
+   batched, every fold (and every mirrored copy with TTA) run on each batch while it is on the
+   device, the folds' probabilities averaged with the ensemble weights (``ensemble.py``),
+   accumulators on the device, autocast on GPU; windows in air are not run, and with
+   ``min_suv`` neither are windows whose PET never exceeds that SUV;
+3. the class probabilities mapped back onto the original PET grid (linear), then the trainer's
+   ``output_to_mask`` hook (default: argmax, i.e. lesion probability > 0.5 for two classes);
+4. ``<case>.nii.gz`` (uint8, exactly the PET image's shape, spacing, origin and direction),
+   optionally ``probabilities/<case>.nii.gz`` (float32 lesion probability) and
+   ``png/<case>.png`` (coronal MIP with contours), then the case's row of ``predictions.csv``
+   (TMTV, TLG, SUVmax, SUVmean, lesion count, Dmax), all written atomically.
+
+A case is finished when its mask exists and ``predictions.csv`` has its row; a re-run skips it
+(unless ``overwrite``). A bad case (``InputError``) is reported and the others finish.
+``num_parts``/``part_id`` split the sorted case list as ``cases[part_id::num_parts]``; parts
+sharing an output folder update ``predictions.csv`` under a file lock.
+
+Why probabilities are inverted before thresholding: thresholding on the cache grid and
+resampling the mask with nearest neighbour gives blocky masks when the cache grid is coarser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from autopetseg.data.discovery import discover
+from autopetseg.data.imageio import Geometry, write_image
+from autopetseg.data.loading import LoadedCase, load_case
+from autopetseg.data.records import CaseRecord
+from autopetseg.errors import InputError
+from autopetseg.evaluation.clinical import clinical_numbers
+from autopetseg.inference.ensemble import EnsembleModel, load_ensemble
+from autopetseg.inference.sliding_window import EMPTY_PET_MAX, SlidingWindowStats, sliding_window_predict
+from autopetseg.io_utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_CSV = "predictions.csv"
+PROBABILITIES_FOLDER = "probabilities"
+PNG_FOLDER = "png"
+MASK_SUFFIX = ".nii.gz"
+PREDICTION_COLUMNS = ("case_id", "tmtv_ml", "tlg", "suvmax", "suvmean", "lesion_count", "dmax_mm")
+
+
+@dataclass
+class PredictorSettings:
+    """How to predict. Defaults: the GDFL paper's inference (overlap 0.5, no test-time mirroring)."""
+
+    folds: Sequence[int | str] | None = None  # None: every fold that has the checkpoint
+    checkpoint: str = "best"  # "best" or "final"
+    ensemble: str = "mean"  # "mean" or "dice_weighted"
+    device: str = "auto"  # "auto", "cuda", "cpu" (or any torch device string)
+    tta: bool = False  # mirror along the axes the model was trained to be mirrored along
+    overlap: float = 0.5
+    batch_size: int = 2  # windows per forward pass
+    skip_empty: bool = True  # skip windows that lie in air (outside the body)
+    min_suv: float | None = None  # also skip windows whose PET max is <= this SUV
+    amp: bool | None = None  # None: autocast on CUDA only
+    save_probabilities: bool = False
+    png: bool = False
+    overwrite: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    prefetch: bool = True  # load and preprocess the next case while this one is predicted
+
+    def validate(self) -> None:
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise InputError(f"--part-id must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part_id}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.min_suv is not None and not self.min_suv >= 0:
+            raise InputError(f"--min-suv must be a non-negative SUV, got {self.min_suv}")
+
+
+@dataclass
+class CasePrediction:
+    """One predicted case on the original PET grid."""
+
+    case_id: str
+    mask: np.ndarray  # uint8 (z, y, x)
+    lesion_probability: np.ndarray | None  # float32 (z, y, x)
+    geometry: Geometry
+    pet: np.ndarray  # SUV on the PET grid (for the clinical numbers and the picture)
+    numbers: dict
+    windows: SlidingWindowStats
+    seconds: float
+
+
+@dataclass
+class PredictionReport:
+    """What a folder run did."""
+
+    output_dir: Path
+    predicted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # finished by an earlier run
+    failures: list[InputError] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per predicted case (loading overlaps the previous case)
+    n_windows: int = 0
+    n_windows_skipped: int = 0
+
+    @property
+    def csv_path(self) -> Path:
+        return self.output_dir / PREDICTIONS_CSV
+
+
+def split_cases(cases: Sequence[CaseRecord], num_parts: int, part_id: int) -> list[CaseRecord]:
+    """This part's share of the cases: sorted by id, every ``num_parts``-th from ``part_id``."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return ordered[part_id::num_parts]
+
+
+# ----------------------------------------------------------------------------- predictions.csv
+
+
+def read_prediction_rows(path: str | Path) -> dict[str, dict[str, str]]:
+    """Rows of an existing ``predictions.csv`` by case id (values as text); {} when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["case_id"]: row for row in csv.DictReader(f) if row.get("case_id")}
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` (POSIX ``flock``; no locking where it is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: parts must then use separate output folders
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _csv_value(value) -> str | int | float:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return value
+
+
+def update_prediction_csv(path: str | Path, row: dict) -> None:
+    """Insert or replace ``row`` in ``predictions.csv`` (sorted by case), atomically and under a lock.
+
+    Re-read inside the lock so parts writing to one folder never drop each other's rows.
+    """
+    path = Path(path)
+    with _locked(path.with_name(f".{path.name}.lock")):
+        rows = read_prediction_rows(path)
+        rows[row["case_id"]] = {k: _csv_value(row[k]) for k in PREDICTION_COLUMNS}
+        with atomic_path(path, ".csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                for case_id in sorted(rows):
+                    writer.writerow(rows[case_id])
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def _preprocess(case: LoadedCase, record: CaseRecord, model: EnsembleModel) -> tuple[np.ndarray, dict]:
+    """The cache array and properties of a loaded case (what ``preprocess_for_inference`` gives,
+    without reading the PET a second time: the predictor needs the SUV for the clinical numbers)."""
+    from autopetseg.preprocessing.preprocessor import DEFAULT_SETTINGS, _preprocess_loaded
+
+    conf = model.plans.configuration(model.configuration)
+    data, _, properties = _preprocess_loaded(case, model.plans, conf, DEFAULT_SETTINGS)
+    properties.update(cohort=record.cohort, patient=record.patient)
+    return data, properties
+
+
+def lesion_probability(probabilities: np.ndarray) -> np.ndarray:
+    """Probability of "any lesion class": 1 - background for several classes, the channel for one."""
+    if probabilities.shape[0] == 1:
+        return probabilities[0].astype(np.float32, copy=False)
+    return np.clip(1.0 - probabilities[0], 0.0, 1.0).astype(np.float32, copy=False)
+
+
+class Predictor:
+    """An ensemble of folds ready to predict cases (``predict_case``) or folders (``predict_folder``)."""
+
+    def __init__(self, model_dir: str | Path, settings: PredictorSettings | None = None):
+        from autopetseg.training.run import resolve_device
+
+        self.settings = settings or PredictorSettings()
+        self.settings.validate()
+        self.device = resolve_device(self.settings.device)
+        self.model = load_ensemble(
+            model_dir, self.settings.folds, self.settings.checkpoint, self.settings.ensemble, self.device
+        )
+        self.mirror_axes: tuple[int, ...] = ()
+        if self.settings.tta:
+            self.mirror_axes = self.model.trained_mirror_axes
+            if not self.mirror_axes:
+                log.warning("TTA asked for, but the model was trained without mirroring: predicting without it")
+
+    # -------------------------------------------------------------- arrays
+    def _skip_bounds(self) -> dict:
+        """Keyword arguments of ``sliding_window_predict`` that choose the windows to skip."""
+        if self.settings.min_suv is None:
+            return {"skip_empty": self.settings.skip_empty}
+        # A window is skipped when its PET max <= the bound, whatever its CT (inf): this includes
+        # every air window, because the bound is never below the air bound.
+        return {"skip_empty": True, "empty_pet_max": max(float(self.settings.min_suv), EMPTY_PET_MAX), "empty_ct_max": math.inf}
+
+    def predict_array(self, data: np.ndarray | torch.Tensor, stats: SlidingWindowStats | None = None) -> torch.Tensor:
+        """Ensemble class probabilities (n_classes, z, y, x) float32 on the CPU for a preprocessed volume."""
+        image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)) if isinstance(data, np.ndarray) else data
+        return sliding_window_predict(
+            self.model.networks,
+            image,
+            self.model.patch_size,
+            batch_size=self.settings.batch_size,
+            overlap=self.settings.overlap,
+            mirror_axes=self.mirror_axes or None,
+            device=self.device,
+            amp=self.settings.amp,
+            network_weights=self.model.weights,
+            activation=self.model.activation,
+            channels_last_3d=self.model.trainer.config.channels_last_3d,
+            stats=stats,
+            **self._skip_bounds(),
+        )
+
+    def probabilities_to_mask(self, probabilities: np.ndarray) -> np.ndarray:
+        """The trainer's ``output_to_mask`` hook on probabilities (n_classes, z, y, x) → uint8 mask."""
+        mask = self.model.trainer.output_to_mask(torch.from_numpy(np.ascontiguousarray(probabilities)))
+        mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        return (mask > 0).astype(np.uint8)
+
+    # -------------------------------------------------------------- one case
+    def load(self, record: CaseRecord) -> tuple[LoadedCase, np.ndarray, dict]:
+        """(the checked case, its preprocessed array, properties); ``InputError`` for bad input."""
+        case = load_case(record, with_label=False)
+        data, properties = _preprocess(case, record, self.model)
+        return case, data, properties
+
+    def predict_loaded(self, case: LoadedCase, data: np.ndarray, properties: dict, started: float | None = None) -> CasePrediction:
+        from autopetseg.preprocessing.preprocessor import invert_probabilities
+
+        started = time.perf_counter() if started is None else started
+        stats = SlidingWindowStats()
+        probabilities = self.predict_array(data, stats).numpy()
+        fill = np.zeros(probabilities.shape[0], dtype=np.float32)
+        fill[0] = 1.0  # outside the body box: background, as for windows that were not run
+        original = invert_probabilities(probabilities, properties, fill=fill)
+        del probabilities
+        mask = self.probabilities_to_mask(original)
+        lesion = lesion_probability(original) if self.settings.save_probabilities else None
+        del original
+        numbers = clinical_numbers(mask, case.pet, case.geometry.spacing_zyx)
+        return CasePrediction(
+            case_id=case.case_id,
+            mask=mask,
+            lesion_probability=lesion,
+            geometry=case.geometry,
+            pet=case.pet,
+            numbers=numbers,
+            windows=stats,
+            seconds=time.perf_counter() - started,
+        )
+
+    def predict_case(self, record: CaseRecord) -> CasePrediction:
+        """Predict one case in memory (nothing written)."""
+        started = time.perf_counter()
+        case, data, properties = self.load(record)
+        return self.predict_loaded(case, data, properties, started)
+
+    # -------------------------------------------------------------- a folder
+    def write_case(self, prediction: CasePrediction, output_dir: Path, record: CaseRecord | None = None) -> None:
+        """Mask, optional probability and picture, then the CSV row (last: it marks the case finished)."""
+        write_image(output_dir / f"{prediction.case_id}{MASK_SUFFIX}", prediction.mask, prediction.geometry)
+        if prediction.lesion_probability is not None:
+            write_image(
+                output_dir / PROBABILITIES_FOLDER / f"{prediction.case_id}{MASK_SUFFIX}",
+                prediction.lesion_probability,
+                prediction.geometry,
+            )
+        if self.settings.png:
+            _write_picture(output_dir, prediction.case_id, prediction.pet, prediction.geometry, prediction.mask,
+                           record, prediction.numbers)
+        update_prediction_csv(output_dir / PREDICTIONS_CSV, {"case_id": prediction.case_id, **prediction.numbers})
+
+    def predict_folder(self, input_dir: str | Path, output_dir: str | Path) -> PredictionReport:
+        """Predict every case of ``input_dir`` (this part's share) into ``output_dir``."""
+        settings = self.settings
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dataset = discover(input_dir)
+        cases = split_cases(dataset.cases, settings.num_parts, settings.part_id)
+        report = PredictionReport(output_dir=output_dir)
+        done_rows = read_prediction_rows(output_dir / PREDICTIONS_CSV)
+        todo = []
+        for record in cases:
+            finished = record.case_id in done_rows and (output_dir / f"{record.case_id}{MASK_SUFFIX}").is_file()
+            if finished and not settings.overwrite:
+                report.skipped.append(record.case_id)
+                if settings.png and not (output_dir / PNG_FOLDER / f"{record.case_id}.png").is_file():
+                    _picture_from_files(output_dir, record)
+            else:
+                todo.append(record)
+        log.info(
+            "predict: %d case(s) in part %d/%d, %d finished before, %d to do -> %s",
+            len(cases), settings.part_id, settings.num_parts, len(report.skipped), len(todo), output_dir,
+        )
+
+        from tqdm import tqdm
+
+        pool = ThreadPoolExecutor(max_workers=1) if settings.prefetch and len(todo) > 1 else None
+        try:
+            pending: Future | None = None
+            for i, record in enumerate(tqdm(todo, desc="predict", disable=len(todo) < 2)):
+                started = time.perf_counter()
+                try:
+                    loaded = pending.result() if pending is not None else self.load(record)
+                except InputError as error:
+                    loaded = error
+                pending = pool.submit(self.load, todo[i + 1]) if pool is not None and i + 1 < len(todo) else None
+                if isinstance(loaded, InputError):
+                    error = loaded.with_case(record.case_id)
+                    log.error("%s", error)
+                    report.failures.append(error)
+                    continue
+                prediction = self.predict_loaded(*loaded, started=started)
+                self.write_case(prediction, output_dir, record)
+                report.predicted.append(record.case_id)
+                report.seconds[record.case_id] = time.perf_counter() - started
+                report.n_windows += prediction.windows.n_windows
+                report.n_windows_skipped += prediction.windows.n_skipped
+                log.info(
+                    "%s: %d lesion(s), TMTV %.2f ml; %d of %d windows run; %.1f s",
+                    record.case_id, prediction.numbers["lesion_count"], prediction.numbers["tmtv_ml"],
+                    prediction.windows.n_windows - prediction.windows.n_skipped, prediction.windows.n_windows,
+                    report.seconds[record.case_id],
+                )
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if report.failures:
+            log.error("%d case(s) failed: %s", len(report.failures), ", ".join(str(e.case) for e in report.failures))
+        return report
+
+
+def _write_picture(output_dir: Path, case_id: str, pet: np.ndarray, geometry: Geometry, mask: np.ndarray,
+                   record: CaseRecord | None, numbers: dict | None) -> None:
+    from autopetseg.evaluation.metrics import dice
+    from autopetseg.inference.pictures import _read_mask_on, prediction_title, render_mip_png
+
+    label = None
+    if record is not None and record.label is not None:
+        label = _read_mask_on(record.label, geometry, case_id, "label")
+    dsc = dice(label, mask) if label is not None and label.any() else None
+    render_mip_png(output_dir / PNG_FOLDER / f"{case_id}.png", pet, geometry, label, mask,
+                   prediction_title(case_id, numbers, dsc))
+
+
+def _picture_from_files(output_dir: Path, record: CaseRecord) -> None:
+    """The picture of a case finished by an earlier run without ``--png``."""
+    import SimpleITK as sitk
+
+    from autopetseg.data.imageio import read_image
+    from autopetseg.inference.pictures import _read_mask_on
+
+    try:
+        pet_image = read_image(record.pet, record.case_id, "PET") if record.pet is not None else None
+    except InputError as error:
+        log.warning("%s; no picture", error)
+        return
+    if pet_image is None:
+        return
+    geometry = Geometry.of(pet_image)
+    mask = _read_mask_on(output_dir / f"{record.case_id}{MASK_SUFFIX}", geometry, record.case_id, "prediction")
+    if mask is None:
+        return
+    pet = sitk.GetArrayFromImage(pet_image).astype(np.float32, copy=False)
+    _write_picture(output_dir, record.case_id, pet, geometry, mask, record,
+                   clinical_numbers(mask, pet, geometry.spacing_zyx))
+
+
+def predict_folder(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    model_dir: str | Path,
+    settings: PredictorSettings | None = None,
+) -> PredictionReport:
+    """Load the ensemble of ``model_dir`` and predict every case of ``input_dir`` into ``output_dir``.
+
+    The one call ``autopetseg predict`` and the demo make; see the module doc for the files.
+    """
+    return Predictor(model_dir, settings).predict_folder(input_dir, output_dir)

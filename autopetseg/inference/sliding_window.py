@@ -1,0 +1,223 @@
+"""Gaussian-weighted sliding-window prediction over a whole volume, for one network or an ensemble.
+
+How it works:
+* Window positions: per axis, ``ceil((size - patch) / (patch · (1 - overlap))) + 1`` windows
+  spread evenly from the first to the last voxel (nnU-Net's rule), so neighbours overlap by at
+  least ``overlap`` and the last window ends on the border. A volume smaller than the patch is
+  padded with the background value 0 and the result cropped back.
+* Windows are predicted ``batch_size`` at a time; every network of the ensemble (and every
+  mirrored copy for test-time mirroring) runs on the batch while it is on the device, and the
+  class probabilities, multiplied by a Gaussian importance map (σ = patch / 8, max 1), are
+  added into accumulators that stay on the device.
+* Windows whose whole box is air (PET ≤ ``empty_pet_max`` and CT ≤ ``empty_ct_max``: the CT is
+  scaled to [0, 1] from [-1024, 1024] HU, so 0.05 ≈ -920 HU) are not run. Voxels that no run
+  window covers get background probability 1; voxels covered by some run windows get the
+  weighted mean of those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+EMPTY_PET_MAX = 0.05  # SUV: below this the PET is "no uptake at all" (air)
+EMPTY_CT_MAX = 0.05  # scaled CT: ≈ -920 HU, i.e. air outside the body
+
+
+@dataclass
+class SlidingWindowStats:
+    """What one call did; the predictor reports the saving of skipping empty windows."""
+
+    n_windows: int = 0
+    n_skipped: int = 0
+    n_forward_calls: int = 0
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis (``size >= patch``)."""
+    if size <= patch:
+        return [0]
+    step = patch * (1.0 - overlap)
+    n = int(math.ceil((size - patch) / step)) + 1
+    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8, device=None) -> torch.Tensor:
+    """Separable Gaussian centred on the patch, max 1, min clamped above 0 (so every voxel counts)."""
+    axes = []
+    for p in patch_size:
+        coords = torch.arange(p, dtype=torch.float64) - (p - 1) / 2.0
+        sigma = max(p * sigma_scale, 1e-6)
+        axes.append(torch.exp(-0.5 * (coords / sigma) ** 2))
+    weights = axes[0]
+    for a in axes[1:]:
+        weights = weights[..., None] * a
+    weights = weights / weights.max()
+    weights = torch.clamp(weights, min=float(weights[weights > 0].min()))
+    return weights.to(device=device, dtype=torch.float32)
+
+
+def _activation(name: str | Callable | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name is None:
+        return lambda x: x
+    if callable(name):
+        return name
+    if name == "softmax":
+        return lambda x: torch.softmax(x, dim=1)
+    if name == "sigmoid":
+        return torch.sigmoid
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _autocast(device: torch.device, amp: bool | None, dtype: torch.dtype | None = None):
+    use = device.type == "cuda" if amp is None else amp
+    if not use:
+        return contextlib.nullcontext()
+    if dtype is None:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if device.type != "cuda" or cuda_bf16 else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _logits(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = network(x)
+    if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
+        out = out[0]
+    return out
+
+
+@torch.inference_mode()
+def sliding_window_predict(
+    networks: Sequence[nn.Module] | nn.Module,
+    image: torch.Tensor | np.ndarray,
+    patch_size: Sequence[int],
+    batch_size: int = 2,
+    overlap: float = 0.5,
+    mirror_axes: Sequence[int] | None = None,
+    skip_empty: bool = True,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    *,
+    network_weights: Sequence[float] | None = None,
+    amp_dtype: torch.dtype | None = None,
+    activation: str | Callable | None = "softmax",
+    empty_pet_max: float = EMPTY_PET_MAX,
+    empty_ct_max: float = EMPTY_CT_MAX,
+    channels_last_3d: bool = False,
+    output_device: str | torch.device = "cpu",
+    stats: SlidingWindowStats | None = None,
+) -> torch.Tensor:
+    """Class probabilities (n_classes, z, y, x) float32 for ``image`` (C, z, y, x).
+
+    ``networks``: one network or the folds of an ensemble (averaged, with ``network_weights`` if
+    given, e.g. the folds' validation DSC). ``mirror_axes``: spatial axes (0 = z) for test-time
+    mirroring; all combinations of flips are averaged. ``activation`` turns logits into
+    probabilities ("softmax", "sigmoid", a callable or None). ``amp``: autocast (default: on for
+    CUDA) in ``amp_dtype`` (default bf16 where supported, else fp16). Networks are used as they are
+    (call ``.eval()`` first). ``stats``, if given, is filled with window counts.
+    """
+    nets = [networks] if isinstance(networks, nn.Module) else list(networks)
+    if not nets:
+        raise ValueError("no network given")
+    weights = [1.0] * len(nets) if network_weights is None else [float(w) for w in network_weights]
+    if len(weights) != len(nets) or sum(weights) <= 0:
+        raise ValueError("network_weights must give one positive-sum weight per network")
+    weights = [w / sum(weights) for w in weights]
+    if device is None:
+        device = next(nets[0].parameters()).device if any(True for _ in nets[0].parameters()) else torch.device("cpu")
+    device = torch.device(device)
+    act = _activation(activation)
+    stats = stats if stats is not None else SlidingWindowStats()
+
+    image = torch.as_tensor(image)
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, z, y, x), got shape {tuple(image.shape)}")
+    patch = [int(p) for p in patch_size]
+    shape = list(image.shape[1:])
+    padded = [max(s, p) for s, p in zip(shape, patch)]
+    x = image.to(device=device, dtype=torch.float32)
+    if padded != shape:
+        pad = []
+        for s, p in zip(reversed(shape), reversed(padded)):
+            pad += [(p - s) // 2, p - s - (p - s) // 2]
+        x = torch.nn.functional.pad(x, pad, value=0.0)
+    offsets = [(p - s) // 2 for s, p in zip(shape, padded)]
+
+    starts = [window_starts(s, p, overlap) for s, p in zip(padded, patch)]
+    boxes = [(z, y, xx) for z in starts[0] for y in starts[1] for xx in starts[2]]
+    n_all = len(boxes)
+    if skip_empty:
+        boxes = [b for b in boxes if not _is_empty(x, b, patch, empty_pet_max, empty_ct_max)]
+    stats.n_windows += n_all
+    stats.n_skipped += n_all - len(boxes)
+
+    gaussian = gaussian_importance_map(patch, device=device)
+    flips = _flip_combinations(mirror_axes)
+    sums: torch.Tensor | None = None
+    weight_sum = torch.zeros(padded, device=device, dtype=torch.float32)
+    for first in range(0, len(boxes), batch_size):
+        chunk = boxes[first : first + batch_size]
+        windows = torch.stack([x[(slice(None),) + _slices(b, patch)] for b in chunk])
+        if channels_last_3d:
+            windows = windows.contiguous(memory_format=torch.channels_last_3d)
+        probs = None
+        for net, w in zip(nets, weights):
+            for dims in flips:
+                inp = torch.flip(windows, dims) if dims else windows
+                with _autocast(device, amp, amp_dtype):
+                    out = _logits(net, inp)
+                stats.n_forward_calls += 1
+                p = act(out.float())
+                if dims:
+                    p = torch.flip(p, dims)
+                p = p * (w / len(flips))
+                probs = p if probs is None else probs + p
+        if sums is None:
+            sums = torch.zeros([probs.shape[1]] + padded, device=device, dtype=torch.float32)
+        for b, p in zip(chunk, probs):
+            region = _slices(b, patch)
+            sums[(slice(None),) + region] += p * gaussian
+            weight_sum[region] += gaussian
+
+    if sums is None:  # everything skipped: pure background
+        n_classes = _count_classes(nets[0], image.shape[0], patch, device, amp, amp_dtype)
+        sums = torch.zeros([n_classes] + padded, device=device, dtype=torch.float32)
+    covered = weight_sum > 0
+    result = sums / torch.where(covered, weight_sum, torch.ones_like(weight_sum))
+    result[0] = torch.where(covered, result[0], torch.ones_like(result[0]))
+    crop = tuple(slice(o, o + s) for o, s in zip(offsets, shape))
+    return result[(slice(None),) + crop].to(output_device)
+
+
+def _slices(start: tuple[int, int, int], patch: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(s, s + p) for s, p in zip(start, patch))
+
+
+def _is_empty(x: torch.Tensor, start, patch, pet_max: float, ct_max: float) -> bool:
+    window = x[(slice(None),) + _slices(start, patch)]
+    return bool(window[0].max() <= pet_max) and bool(window[1].max() <= ct_max)
+
+
+def _flip_combinations(mirror_axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """All subsets of the mirror axes, as tensor dims of a (B, C, z, y, x) batch."""
+    axes = [int(a) + 2 for a in (mirror_axes or ())]
+    combos: list[tuple[int, ...]] = [()]
+    for a in axes:
+        combos += [c + (a,) for c in combos]
+    return combos
+
+
+def _count_classes(net: nn.Module, in_channels: int, patch, device, amp, amp_dtype=None) -> int:
+    # One dummy forward only when every window was skipped: we still need the output shape.
+    with _autocast(device, amp, amp_dtype):
+        out = _logits(net, torch.zeros([1, in_channels] + list(patch), device=device))
+    return int(out.shape[1])

@@ -1,0 +1,1 @@
+"""Training: the ``Trainer`` and its variants, networks, losses, cross-validation splits."""

@@ -1,0 +1,48 @@
+"""Segmentation networks, built by name from a plans topology.
+
+Every network maps (B, in_channels, *spatial) to logits (B, out_channels, *spatial) at the input
+size; 2D or 3D follows from ``len(topology.strides[0])``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from autopetseg.planning.plans import NetworkTopology
+from autopetseg.training.networks.attention_unet import AttentionUNet, AttentionUNetOptions
+from autopetseg.training.networks.resunet import ResidualUNet, ResidualUNetOptions
+from autopetseg.training.networks.segresnet import SegResNet, SegResNetOptions
+
+# Explicit name -> class registry.
+NETWORKS: dict[str, type[nn.Module]] = {
+    "resunet": ResidualUNet,  # GDFL paper
+    "attention_unet": AttentionUNet,  # L1DFL paper
+    "segresnet": SegResNet,  # L1DFL paper
+}
+
+
+def build_network(
+    name: str, topology: NetworkTopology, in_channels: int = 2, out_channels: int = 2, **options
+) -> nn.Module:
+    """Instantiate network ``name``; ``options`` go to the class (e.g. ``options=ResidualUNetOptions(...)``)."""
+    if name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r}; known: {sorted(NETWORKS)}")
+    return NETWORKS[name](topology, in_channels=in_channels, out_channels=out_channels, **options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (what papers report)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "NETWORKS",
+    "build_network",
+    "count_parameters",
+    "ResidualUNet",
+    "ResidualUNetOptions",
+    "AttentionUNet",
+    "AttentionUNetOptions",
+    "SegResNet",
+    "SegResNetOptions",
+]
