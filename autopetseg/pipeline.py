@@ -10,12 +10,16 @@ A re-run continues where the last one stopped and keeps what the user changed:
   configuration it lacks is planned and added beside the others. A different budget plans again
   (with a warning: hand edits of the old file are replaced).
 * preprocessing skips cases whose cache files exist and were made with the same plans.
+* the fingerprint pass saves every good case cut to its body box in ``cropped/`` (the cropped
+  stage, ``preprocessing.cropping``); preprocessing reads those instead of the raw files, and a
+  fingerprint measured again reuses the entries whose source files did not change.
 
 ``overwrite`` redoes all three.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,12 +28,13 @@ from autopetseg.data.discovery import discover
 from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import Dataset
 from autopetseg.errors import InputError
-from autopetseg.io_utils import write_json
+from autopetseg.io_utils import read_json, write_json
 from autopetseg.paths import dataset_name, preprocessed_dir, resolve_raw_dataset
 from autopetseg.planning.fingerprint import Fingerprint, extract_fingerprint, fingerprint_case
 from autopetseg.planning.planner import KNOWN_CONFIGURATIONS, PlannerSettings, plan_experiment
 from autopetseg.planning.plans import ComputeBudget, Plans
 from autopetseg.preprocessing import preprocess_dataset
+from autopetseg.preprocessing.cropping import CROPPED_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,9 @@ def plan_and_preprocess(
     found = discover(raw_dir)
     log.info("%s: %d cases in the %s layout", name, len(found.cases), found.layout)
 
-    fingerprint, failures = _reuse_or_fingerprint(out_dir / "fingerprint.json", found, num_processes, overwrite)
+    cropped_dir = out_dir / CROPPED_FOLDER
+    fingerprint, failures = _reuse_or_fingerprint(out_dir / "fingerprint.json", found, num_processes, overwrite,
+                                                  cropped_dir)
     bad = {f.case for f in failures}
     good = Dataset(found.root, found.layout, [c for c in found.cases if c.case_id not in bad])
 
@@ -97,14 +104,24 @@ def plan_and_preprocess(
                            planner_settings)
 
     failures += preprocess_dataset(good, plans, out_dir, configurations=configurations,
-                                   num_processes=num_processes, overwrite=overwrite)
+                                   num_processes=num_processes, overwrite=overwrite, cropped_dir=cropped_dir)
     # Written last and without any failed case, so that training only sees cases in the cache.
-    write_json(out_dir / "dataset.json", dataset_manifest(good, {f.case for f in failures}))
+    manifest = dataset_manifest(good, {f.case for f in failures})
+    manifest_path = out_dir / "dataset.json"
+    if overwrite or _read_or_none(manifest_path) != manifest:
+        write_json(manifest_path, manifest)
     return PlanAndPreprocessResult(out_dir, plans, failures)
 
 
-def _reuse_or_fingerprint(path: Path, found: Dataset, num_processes: int,
-                          overwrite: bool) -> tuple[Fingerprint, list[InputError]]:
+def _read_or_none(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _reuse_or_fingerprint(path: Path, found: Dataset, num_processes: int, overwrite: bool,
+                          cropped_dir: Path) -> tuple[Fingerprint, list[InputError]]:
     """The fingerprint of the discovered cases and the cases that failed (module docstring)."""
     if path.exists() and not overwrite:
         try:
@@ -118,13 +135,15 @@ def _reuse_or_fingerprint(path: Path, found: Dataset, num_processes: int,
                 log.info("reusing %s", path)
                 return fingerprint, []
             # Cheap: only the cases the fingerprint lacks are loaded again.
-            recovered, failures = run_per_case(fingerprint_case, others, num_processes, "check cases")
+            measure = functools.partial(fingerprint_case, cropped_dir=str(cropped_dir))
+            recovered, failures = run_per_case(measure, others, num_processes, "check cases")
             if not recovered:
                 log.info("reusing %s (%d case(s) still failing)", path, len(failures))
                 return fingerprint, failures
             log.info("%d case(s) not in %s can be measured now; measuring the dataset again",
                      len(recovered), path.name)
-    fingerprint, failures = extract_fingerprint(found, num_processes=num_processes)
+    fingerprint, failures = extract_fingerprint(found, num_processes=num_processes, cropped_dir=cropped_dir,
+                                                overwrite=overwrite)
     fingerprint.save(path)
     return fingerprint, failures
 

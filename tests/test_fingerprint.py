@@ -19,7 +19,7 @@ import pytest
 from _image_helpers import Grid, write_volume
 from autopetseg.data.discovery import discover
 from autopetseg.errors import InputError
-from autopetseg.planning.body import BodyMaskSettings, body_bbox, body_mask
+from autopetseg.planning.body import BodyMaskSettings, body_bbox, body_mask, body_mask_in_region
 from autopetseg.planning.fingerprint import Fingerprint, extract_fingerprint
 
 BIG_BUDGET = 100_000  # more samples per case than any case has voxels: every voxel is used
@@ -280,3 +280,26 @@ def test_body_mask_on_a_coarse_copy_still_holds_the_whole_body():
     air = np.full_like(case.ct, -1000.0)
     assert np.array_equal(body_bbox(body_mask(air, case.pet)), body_bbox(case.pet > 0.1))
     assert body_mask(air, np.zeros_like(case.pet)).all()
+
+
+@pytest.mark.parametrize("max_coarse_voxels", [10_000_000, 2_000, 500])
+def test_body_mask_from_a_region_equals_the_whole_image_mask(max_coarse_voxels):
+    """Loading resamples the CT onto the tissue region only: the mask computed there (grown to whole
+    coarse blocks) is the whole-image mask, which is empty outside it."""
+    shape = (30, 40, 36)
+    case = draw_case("r", Grid(shape), seed=5, lesions=None)
+    rng = np.random.default_rng(3)
+    ct = case.ct.copy()
+    ct[rng.random(shape) < 0.002] = 500.0  # specks: removed by the cleanup or kept as small parts
+    ct[20:27, 5:9, 30:34] = 60.0  # a second, smaller object
+    settings = BodyMaskSettings(max_coarse_voxels=max_coarse_voxels)
+    whole = body_mask(ct, case.pet, settings)
+    raw = ct > settings.ct_body_hu
+    region = _box(raw)  # the tightest box: not aligned to the coarse blocks
+    mask, grown = body_mask_in_region(raw[tuple(slice(a, b) for a, b in region)], region, shape, settings)
+    inside = tuple(slice(a, b) for a, b in grown)
+    assert all(g[0] <= r[0] and r[1] <= g[1] for g, r in zip(grown, region))
+    np.testing.assert_array_equal(mask, whole[inside])
+    outside = whole.copy()
+    outside[inside] = False
+    assert not outside.any() and whole.any()

@@ -15,7 +15,16 @@ import SimpleITK as sitk
 
 from _image_helpers import Grid, Phantom, write_case, write_flat_case, write_volume
 from autopetseg.data.discovery import discover
-from autopetseg.data.loading import check_dataset, check_file_complete, ct_coverage, load_case
+from autopetseg.data.imageio import Geometry
+from autopetseg.data.loading import (
+    BODY_HU,
+    check_dataset,
+    check_file_complete,
+    ct_coverage,
+    load_case,
+    read_array_checked,
+    tissue_box,
+)
 from autopetseg.data.parallel import CaseFailed, run_per_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
@@ -95,6 +104,10 @@ def test_label_values_other_than_0_1(tmp_path):
     _raises(record, paths["label"], "label values must be 0 and 1, found 0, 1, 2")
     write_volume(paths["label"], PHANTOM.label(GRID).astype(np.float32) * 0.5, GRID)
     _raises(record, paths["label"], "found 0, 0.5$")
+    signed = PHANTOM.label(GRID).astype(np.int16)
+    signed[0, 0, 0] = -1
+    write_volume(paths["label"], signed, GRID)
+    _raises(record, paths["label"], "found -1, 0, 1$")
 
 
 def test_pet_in_bq_per_ml(tmp_path):
@@ -220,3 +233,88 @@ def test_run_per_case_stops_on_a_bug_naming_the_case(tmp_path):
     # in the pool too: a path that is not a path is a bug, not bad input
     with pytest.raises(CaseFailed, match="case 'x' failed: TypeError"):
         run_per_case(load_case, [CaseRecord("x", 123, 456), CaseRecord("y", None, None)], num_processes=2)
+
+
+# --------------------------------------------------------------------------- reading NIfTI once
+
+
+def _rotated_image(array: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([1.5, 2.0, 3.0])
+    image.SetOrigin([-10.0, 5.0, 7.5])
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(0.1, -0.2, 0.3)
+    image.SetDirection(rotation.GetMatrix())
+    return image
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_nifti_read_in_one_pass_matches_itk(tmp_path, ext, dtype):
+    """The float NIfTI reader (one decompression, NaN kept) gives ITK's voxels and geometry."""
+    array = np.random.default_rng(0).normal(size=(7, 9, 11)).astype(dtype)
+    path = tmp_path / f"img{ext}"
+    sitk.WriteImage(_rotated_image(array), str(path), useCompression=ext.endswith(".gz"))
+    reference = sitk.ReadImage(str(path))
+    values, geometry = read_array_checked(path)
+    assert values.dtype == dtype and values.flags.writeable
+    np.testing.assert_array_equal(values, sitk.GetArrayFromImage(reference))
+    assert geometry == Geometry.of(reference)
+    if ext.endswith(".gz"):  # two gzip members and zero padding: still one file to ITK and to us
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(64))
+        np.testing.assert_array_equal(read_array_checked(path)[0], array)
+
+
+def test_nifti_that_itk_rescales_is_left_to_itk(tmp_path):
+    """A header with an intensity scale (scl_slope) is read by ITK, which applies it."""
+    array = np.arange(7 * 9 * 11, dtype=np.float32).reshape(7, 9, 11)
+    path = tmp_path / "scaled.nii"
+    sitk.WriteImage(_rotated_image(array), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[112:120] = np.array([2.0, 5.0], dtype="<f4").tobytes()  # scl_slope, scl_inter
+    path.write_bytes(bytes(raw))
+    values, geometry = read_array_checked(path)
+    np.testing.assert_allclose(values, array * 2.0 + 5.0)
+    assert geometry == Geometry.of(sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("angles", [(0.0, 0.0, 0.0), (0.05, 0.3, -0.2)])
+def test_tissue_box_holds_every_pet_voxel_where_the_resampled_ct_is_tissue(angles):
+    """Outside the box, the CT linearly resampled onto the whole PET grid is air: loading may
+    resample the CT onto the box alone."""
+    ct_array = np.full((60, 50, 40), -1000, dtype=np.int16)
+    ct_array[20:31, 14:27, 9:22] = 40  # a block of tissue ...
+    ct_array[44, 30, 33] = 300  # ... and one bright voxel
+    ct = sitk.GetImageFromArray(ct_array)
+    ct.SetSpacing([1.3, 1.1, 1.7])
+    ct.SetOrigin([-3.0, 2.0, -5.0])
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(*angles)
+    ct.SetDirection(rotation.GetMatrix())
+    pet = Geometry((30, 22, 20), (3.0, 2.5, 2.5), (-6.0, 0.0, -8.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    on_pet = sitk.GetArrayFromImage(sitk.Resample(ct, pet.image(np.zeros(pet.shape_zyx, np.float32)), sitk.Transform(),
+                                                  sitk.sitkLinear, -1024.0, sitk.sitkFloat32))
+    tissue = on_pet > BODY_HU
+    assert tissue.any()
+    box = tissue_box(ct_array, Geometry.of(ct), pet)
+    inside = np.zeros(pet.shape_zyx, dtype=bool)
+    inside[tuple(slice(lo, hi) for lo, hi in box)] = True
+    assert not (tissue & ~inside).any()
+    assert inside.sum() < 0.6 * inside.size  # and it is a box around the tissue, not the whole grid
+    assert tissue_box(np.full_like(ct_array, -1000), Geometry.of(ct), pet) is None
+
+
+def test_ct_on_a_box_matches_the_ct_on_the_whole_grid(tmp_path):
+    """``LoadedCase.ct_in`` (the CT resampled onto a box only) equals the whole-grid CT there."""
+    fine = GRID.finer(2).shifted(dx_mm=1.0, dy_mm=-0.7, dz_mm=0.4)
+    record, _ = _record(tmp_path, ct_grid=fine)
+    case = load_case(record)
+    assert case.tissue_box is not None
+    box = [[1, 6], [2, 9], [3, 8]]
+    part = case.ct_in(box)
+    whole = load_case(record).ct
+    assert whole.shape == GRID.shape_zyx and whole.dtype == np.float32
+    np.testing.assert_allclose(part, whole[1:6, 2:9, 3:8], atol=1e-3)
+    np.testing.assert_allclose(case.ct_in(case.tissue_box), whole[tuple(slice(a, b) for a, b in case.tissue_box)],
+                               atol=1e-3)

@@ -252,27 +252,27 @@ def test_trainers_carry_the_papers_settings(name, cls):
         assert loss.squared_denominator is False
 
 
-# Each trainer on a tiny phantom cache (32^3, one sphere per lesion case), 4 epochs x 10 iterations,
-# patch 32^3, batch 2, fold 0 (2 validation cases). Paper settings except where the tuple says:
-# Dice alone learns slowly at 2e-4 (best validation DSC ~0.37 after 100 iterations, see the report
-# of issue 5), so its run uses 1e-3. SegResNet is covered with the L1DFL loss.
-LEARNING_RUNS = [
-    ("l1dfl", "attention_unet", {}),
-    ("l1dfl", "segresnet", {}),
-    ("dicefocal", "attention_unet", {}),
-    ("dice", "attention_unet", {"learning_rate": 1e-3}),
-]
+# Each trainer with each network on the tiny phantom cache (32^3 volumes at 4 mm, one bright sphere per
+# lesion case; fold 0 validates on 2 lesion cases), 8 epochs x 25 iterations of 16^3 patches, batch 2.
+# Paper settings (AdamW, wd 1e-5, cosine to 0, foreground share 0.8) except two stated test overrides:
+# - learning_rate 3e-3 instead of 2e-4: at 2e-4 the first few hundred AdamW steps cannot move the
+#   initial class balance far; with an initialisation whose output favours the lesion class (e.g.
+#   seed 1) every trainer still predicted most of the volume as lesion after 200 iterations (best
+#   validation DSC <= 0.05). At 3e-3 all six pairs reached DSC >= 0.72 (mostly > 0.95) for seeds 0-2.
+# - patch 16^3 instead of the plans' 32^3: 8x cheaper iterations, so more of them fit the budget.
+LEARNING_RUNS = [(t, n) for t in ("l1dfl", "dice", "dicefocal") for n in ("attention_unet", "segresnet")]
+TEST_OVERRIDES = {"learning_rate": 3e-3, "patch_size": [16, 16, 16]}
 
 
-@pytest.mark.parametrize("trainer,network,overrides", LEARNING_RUNS, ids=[f"{t}-{n}" for t, n, _ in LEARNING_RUNS])
-def test_trainer_learns_a_tiny_phantom_on_cpu(tmp_path, trainer, network, overrides):
+@pytest.mark.parametrize("trainer,network", LEARNING_RUNS, ids=[f"{t}-{n}" for t, n in LEARNING_RUNS])
+def test_trainer_learns_a_tiny_phantom_on_cpu(tmp_path, trainer, network):
     dataset_dir = write_tiny_cache(tmp_path / "pre")
     out = run_training(
         dataset_dir, 0, trainer, preprocessed_root=tmp_path / "pre", results_root=tmp_path / "res", device="cpu",
-        epochs=4, iterations_per_epoch=10, num_workers=0, network=network, **overrides,
+        epochs=8, iterations_per_epoch=25, num_workers=0, network=network, **TEST_OVERRIDES,
     )
     config = json.loads((out / "config.json").read_text())["config"]
-    assert config["network"] == network and config["optimizer"] == "adamw"
+    assert config["network"] == network and config["optimizer"] == "adamw" and config["foreground_share"] == 0.8
     validation = json.loads((out / "validation.json").read_text())
     assert validation["mean_dsc"] > 0.5, validation
     assert (out / "checkpoint_best.pt").is_file()

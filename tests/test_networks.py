@@ -5,9 +5,17 @@ import torch
 from torch import nn
 
 from autopetseg.planning.plans import NetworkTopology
-from autopetseg.training.networks import NETWORKS, ResidualUNetOptions, build_network, count_parameters
+from autopetseg.training.networks import (
+    NETWORKS,
+    AttentionUNet,
+    AttentionUNetOptions,
+    ResidualUNetOptions,
+    SegResNet,
+    SegResNetOptions,
+    build_network,
+    count_parameters,
+)
 from autopetseg.training.networks.resunet import ResidualUNet
-from autopetseg.training.networks import AttentionUNet, AttentionUNetOptions, SegResNet, SegResNetOptions
 from autopetseg.training.networks.segresnet import stage_block_counts
 
 torch.set_num_threads(1)

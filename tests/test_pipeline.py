@@ -5,7 +5,6 @@ and the three real MIRP cases."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +87,8 @@ def test_writes_manifest_fingerprint_plans_and_cache(raw, tmp_path):
     files = set(stamps(out))
     for case in GOOD:
         assert set(cache_files(case)) <= files
+        # The fingerprint pass left each case cut to its body for preprocessing.
+        assert {f"cropped/{case}{suffix}" for suffix in (".npy", "_seg.npy", "_body.npy", ".json")} <= files
         data, seg, _, properties = load_preprocessed(out / "3d_fullres", case)
         assert data.shape[0] == 2 and data.dtype == np.float32 and seg.shape == data.shape[1:]
         assert properties["spacing_zyx"] == plans.configuration("3d_fullres").spacing_zyx
@@ -107,7 +108,7 @@ def test_rerun_reuses_every_file_and_redoes_only_missing_cases(raw, tmp_path, mo
     monkeypatch.setattr(pipeline, "extract_fingerprint", must_not_run)
     second = run(raw, tmp_path / "pp")
     after = stamps(out)
-    assert {k: v for k, v in after.items() if k != "dataset.json"} == {k: v for k, v in before.items() if k != "dataset.json"}
+    assert after == before  # dataset.json, fingerprint.json, plans.json and the cache untouched
     assert second.plans == first.plans
     # The bad case is reported again, with its actual reason.
     assert [(f.case, f.reason) for f in second.failures] == [(f.case, f.reason) for f in first.failures]
@@ -145,7 +146,7 @@ def test_a_fixed_case_is_picked_up_by_the_next_run(raw, tmp_path):
 # --------------------------------------------------------------------------- plans.json kept
 
 
-def test_hand_edited_plans_are_kept_and_the_cache_follows_them(raw, tmp_path):
+def test_hand_edited_plans_are_kept_and_the_cache_follows_them(raw, tmp_path, monkeypatch):
     out = run(raw, tmp_path / "pp").output_dir
     raw_plans = json.loads((out / "plans.json").read_text())
     conf = raw_plans["configurations"]["3d_fullres"]
@@ -154,7 +155,15 @@ def test_hand_edited_plans_are_kept_and_the_cache_follows_them(raw, tmp_path):
     conf["batch_size"] = 7
     (out / "plans.json").write_text(json.dumps(raw_plans, indent=2))
 
+    import autopetseg.preprocessing.preprocessor as preprocessor
+
+    def no_raw_reading(*args, **kwargs):
+        raise AssertionError("preprocessing read the raw files")
+
+    # The cases are preprocessed again from the cropped stage the first run left.
+    monkeypatch.setattr(preprocessor, "load_cropped_case", no_raw_reading)
     result = run(raw, tmp_path / "pp")
+    monkeypatch.undo()
     kept = Plans.load(out / "plans.json").configuration("3d_fullres")
     assert (kept.spacing_zyx, kept.batch_size) == ([6.0, 6.0, 6.0], 7)
     assert result.plans.configuration("3d_fullres").batch_size == 7

@@ -21,7 +21,6 @@ from autopetseg.planning.fingerprint import (
     summarize_lesions,
 )
 from autopetseg.planning.planner import (
-    GB,
     PlannerSettings,
     count_parameters,
     plan_experiment,

@@ -309,7 +309,8 @@ def test_trained_model_finds_the_lesions(tmp_path):
     cases, out = tmp_path / "cases", tmp_path / "out"
     rng = np.random.default_rng(7)
     _lesion_case(cases, "plain", rng)
-    _lesion_case(cases, "turned", rng, direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0), origin=(80.0, 120.0, -300.0), ct_factor=2)
+    _lesion_case(cases, "turned", rng, direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0), origin=(80.0, 120.0, -300.0),
+                 ct_factor=2)
     report = predict_folder(cases, out, fold_dir.parent, PredictorSettings(device="cpu", png=True))
     assert report.predicted == ["plain", "turned"], report.failures
     rows = csv_rows(out / PREDICTIONS_CSV)
@@ -321,3 +322,14 @@ def test_trained_model_finds_the_lesions(tmp_path):
         assert int(rows[case]["lesion_count"]) >= 1
         assert float(rows[case]["suvmax"]) > 5.0
         assert (out / "png" / f"{case}.png").stat().st_size > 2000
+
+    # The shortcut (only the lesion channel mapped back, threshold 0.5) equals the argmax hook.
+    predictor = Predictor(fold_dir.parent, PredictorSettings(device="cpu"))
+    assert predictor.threshold_lesion_channel
+    case, data, properties = predictor.load(discover(cases).by_id()["turned"])
+    probabilities = predictor.predict_array(data).numpy()
+    fast, _ = predictor.to_original(probabilities, properties)
+    predictor.threshold_lesion_channel = False
+    slow, _ = predictor.to_original(probabilities, properties)
+    assert fast.any()
+    np.testing.assert_array_equal(fast, slow)

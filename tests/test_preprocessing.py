@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from _image_helpers import link_mirp_cases
+from _image_helpers import Grid, link_mirp_cases, write_flat_case
 from autopetseg.data.discovery import discover
 from autopetseg.data.imageio import Geometry, write_image
 from autopetseg.data.records import CaseRecord, Dataset
@@ -37,6 +37,10 @@ from autopetseg.preprocessing import (
     preprocess_dataset,
     preprocess_for_inference,
 )
+from autopetseg.data.loading import load_case
+from autopetseg.planning.body import BodyMaskSettings, body_bbox, body_mask, union_bbox
+from autopetseg.preprocessing import cropping
+from autopetseg.preprocessing.cropping import crop_case, read_cropped, save_cropped
 from autopetseg.preprocessing.foreground import ForegroundSampling, sample_foreground
 from autopetseg.preprocessing.preprocessor import normalize_ct
 
@@ -343,3 +347,73 @@ def test_real_cases_round_trip_in_the_pet_geometry(tmp_path):
         assert Geometry.of(predicted) == Geometry.from_dict(props["geometry"]) == Geometry.of(reference)
         assert Geometry.of(reference).same_grid(Geometry.of(sitk.ReadImage(str(record.pet))))
         assert dice(mask, sitk.GetArrayFromImage(reference)) >= 0.9
+
+
+# --------------------------------------------------------------------------- the cropped stage
+
+
+@pytest.mark.parametrize("ct_on_its_own_grid", [False, True])
+def test_crop_equals_cropping_the_whole_grid_case(tmp_path, ct_on_its_own_grid):
+    """``crop_case`` resamples the CT onto part of the PET grid only; box, body and arrays are those
+    of the whole-grid case cut to the box (body ∪ lesions)."""
+    grid = Grid((20, 24, 22), (4.0, 3.0, 3.0), (5.0, -7.0, 2.0))
+    ct_grid = grid.finer(2).shifted(dx_mm=0.6, dz_mm=-0.9) if ct_on_its_own_grid else None
+    paths = write_flat_case(tmp_path, "c", grid=grid, ct_grid=ct_grid)
+    record = CaseRecord("c", paths["pet"], paths["ct"], paths["label"])
+    # Coarse blocks of 4 voxels: the mask reaches past the tissue region loading resampled.
+    settings = BodyMaskSettings(max_coarse_voxels=200)
+    cropped = crop_case(load_case(record), settings)
+
+    whole = load_case(record)
+    mask = body_mask(whole.ct, whole.pet, settings)
+    box = union_bbox(body_bbox(mask), body_bbox(whole.label))
+    assert cropped.bbox_zyx == box
+    assert cropped.pet.shape != grid.shape_zyx  # a part of the grid, not all of it
+    inside = tuple(slice(a, b) for a, b in box)
+    np.testing.assert_array_equal(cropped.body, mask[inside])
+    assert cropped.body_voxels == int(mask.sum())
+    np.testing.assert_array_equal(cropped.pet, whole.pet[inside])
+    np.testing.assert_array_equal(cropped.label, whole.label[inside])
+    np.testing.assert_allclose(cropped.ct, whole.ct[inside], atol=1e-3)
+    assert cropped.crop_geometry.shape_zyx == cropped.pet.shape
+
+
+def test_cropped_stage_round_trip_and_staleness(tmp_path):
+    phantom = make_phantom(tmp_path / "raw", "c9", spacing_zyx=(3.0, 4.0, 4.0))
+    record = phantom.record
+    settings = BodyMaskSettings()
+    case = crop_case(load_case(record), settings)
+    folder = tmp_path / "cropped"
+    save_cropped(folder, record, case, settings)
+    assert sorted(p.name for p in folder.iterdir()) == ["c9.json", "c9.npy", "c9_body.npy", "c9_seg.npy"]
+    back = read_cropped(folder, record, settings)
+    assert back.bbox_zyx == case.bbox_zyx and back.geometry == case.geometry
+    for name in ("pet", "ct", "label", "body"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(case, name))
+    assert read_cropped(folder, record, settings, with_label=False).label is None
+    # Other body-mask settings, a source file changed since, or no entry: not used.
+    assert read_cropped(folder, record, BodyMaskSettings(ct_body_hu=-400.0)) is None
+    assert read_cropped(tmp_path / "elsewhere", record, settings) is None
+    stat = record.pet.stat()
+    os.utime(record.pet, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert read_cropped(folder, record, settings) is None
+
+
+def test_preprocessing_from_the_cropped_stage_never_reads_the_raw_files(tmp_path, monkeypatch):
+    phantom = make_phantom(tmp_path / "raw", "c10", spacing_zyx=(3.0, 4.0, 4.0))
+    plans = make_plans((2.0, 2.0, 2.0))
+    from_raw = preprocess_case(phantom.record, plans, "3d_fullres", tmp_path / "raw_out")
+    save_cropped(tmp_path / "cropped", phantom.record, crop_case(load_case(phantom.record)), BodyMaskSettings())
+
+    def no_raw_reading(*args, **kwargs):
+        raise AssertionError("the raw files were read")
+
+    monkeypatch.setattr(cropping, "load_case", no_raw_reading)
+    from_cropped = preprocess_case(phantom.record, plans, "3d_fullres", tmp_path / "out", cropped_dir=tmp_path / "cropped")
+    assert from_cropped == from_raw
+    for a, b in zip(load_preprocessed(tmp_path / "raw_out", "c10", mmap=False)[:3],
+                    load_preprocessed(tmp_path / "out", "c10", mmap=False)[:3]):
+        np.testing.assert_array_equal(a, b)
+    # Without an entry for the case it falls back to the raw files (here: refused by the patch).
+    with pytest.raises(AssertionError, match="raw files were read"):
+        preprocess_case(phantom.record, plans, "3d_fullres", tmp_path / "out", cropped_dir=tmp_path / "none")

@@ -240,7 +240,8 @@ def _roles_from_content(files: dict[str, dict[int, Path]], channels: list[int], 
         if not all(c in files[case_id] for c in channels):
             continue
         try:
-            air = {c: float(np.mean(sitk.GetArrayViewFromImage(sitk.ReadImage(str(files[case_id][c]))) < rule.air_hu))
+            # GetArrayFromImage (a copy): a view of a temporary image would read freed memory.
+            air = {c: float(np.mean(sitk.GetArrayFromImage(sitk.ReadImage(str(files[case_id][c]))) < rule.air_hu))
                    for c in channels}
         except RuntimeError:
             air = None

@@ -15,6 +15,8 @@ weights; ``dice_weighted`` weights fold k by the mean validation DSC of its best
 (``fold_k/validation.json``, ``mean_dsc``). A fold without a usable DSC (file missing, null, 0 or
 negative) gets the mean DSC of the folds that have one, i.e. it counts as an average fold, with a
 warning; when no fold has one, the weights fall back to equal (= ``mean``), again with a warning.
+``validation.json`` describes the best checkpoint; with ``--checkpoint final`` its DSC still serves
+as the fold's weight.
 """
 
 from __future__ import annotations
@@ -196,7 +198,10 @@ def load_fold(
         trainer_cls = get_trainer_class(trainer_name)
     except ValueError as exc:
         raise InputError(f"fold {fold}: {exc}", file=path) from None
-    config = TrainerConfig.from_dict(state["config"]) if "config" in state else trainer_cls.default_config()
+    try:
+        config = TrainerConfig.from_dict(state["config"]) if "config" in state else trainer_cls.default_config()
+    except (TypeError, ValueError) as exc:  # written by another version of autopetseg
+        raise InputError(f"fold {fold}: checkpoint settings are not readable by this version ({exc})", file=path) from None
     if state.get("patch_size") is not None and config.patch_size is None:
         config = config.replace(patch_size=list(state["patch_size"]))
     device = torch.device(device)
@@ -244,7 +249,9 @@ def load_ensemble(
                 file=model_dir,
             )
     if first.configuration.ndim != 3:
-        raise InputError(f"configuration {first.configuration.name!r} is not 3D; the predictor handles 3D models", file=model_dir)
+        raise InputError(
+            f"configuration {first.configuration.name!r} is not 3D; the predictor handles 3D models", file=model_dir
+        )
     weights = ensemble_weights([f.validation_dsc for f in loaded], method, [f"fold {f.fold}" for f in loaded])
     log.info(
         "model %s: %s, folds %s, %s ensemble, weights %s, checkpoint %s",

@@ -10,7 +10,8 @@ Per case:
    accumulators on the device, autocast on GPU; windows in air are not run, and with
    ``min_suv`` neither are windows whose PET never exceeds that SUV;
 3. the class probabilities mapped back onto the original PET grid (linear), then the trainer's
-   ``output_to_mask`` hook (default: argmax, i.e. lesion probability > 0.5 for two classes);
+   ``output_to_mask`` hook; with the base hook (argmax) and two softmax classes, which is exactly
+   "lesion probability > 0.5", only the lesion channel is mapped back and thresholded;
 4. ``<case>.nii.gz`` (uint8, exactly the PET image's shape, spacing, origin and direction),
    optionally ``probabilities/<case>.nii.gz`` (float32 lesion probability) and
    ``png/<case>.png`` (coronal MIP with contours), then the case's row of ``predictions.csv``
@@ -82,7 +83,9 @@ class PredictorSettings:
 
     def validate(self) -> None:
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
-            raise InputError(f"--part-id must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part_id}")
+            raise InputError(
+                f"--part-id must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part_id}"
+            )
         if not 0.0 <= self.overlap < 1.0:
             raise InputError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1:
@@ -213,6 +216,13 @@ class Predictor:
         self.model = load_ensemble(
             model_dir, self.settings.folds, self.settings.checkpoint, self.settings.ensemble, self.device
         )
+        # The base hook (argmax) on two softmax classes is "lesion probability > 0.5": then only the
+        # lesion channel is mapped back to the PET grid, half the resampling and no argmax.
+        from autopetseg.training.trainer import Trainer
+
+        self.threshold_lesion_channel = (
+            type(self.model.trainer).output_to_mask is Trainer.output_to_mask and self.model.activation == "softmax"
+        )
         self.mirror_axes: tuple[int, ...] = ()
         if self.settings.tta:
             self.mirror_axes = self.model.trained_mirror_axes
@@ -226,7 +236,8 @@ class Predictor:
             return {"skip_empty": self.settings.skip_empty}
         # A window is skipped when its PET max <= the bound, whatever its CT (inf): this includes
         # every air window, because the bound is never below the air bound.
-        return {"skip_empty": True, "empty_pet_max": max(float(self.settings.min_suv), EMPTY_PET_MAX), "empty_ct_max": math.inf}
+        bound = max(float(self.settings.min_suv), EMPTY_PET_MAX)
+        return {"skip_empty": True, "empty_pet_max": bound, "empty_ct_max": math.inf}
 
     def predict_array(self, data: np.ndarray | torch.Tensor, stats: SlidingWindowStats | None = None) -> torch.Tensor:
         """Ensemble class probabilities (n_classes, z, y, x) float32 on the CPU for a preprocessed volume."""
@@ -253,6 +264,21 @@ class Predictor:
         mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
         return (mask > 0).astype(np.uint8)
 
+    def to_original(self, probabilities: np.ndarray, properties: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mask uint8, lesion probability float32 or None) on the PET grid from cache-grid probabilities."""
+        from autopetseg.preprocessing.preprocessor import invert_probabilities, invert_to_original
+
+        if self.threshold_lesion_channel and probabilities.shape[0] == 2:
+            # Linear interpolation keeps p0 + p1 = 1, so argmax > 0 is exactly p1 > 0.5 on the PET grid.
+            lesion = invert_to_original(probabilities[1], properties, "linear", fill=0.0)
+            mask = (lesion > 0.5).astype(np.uint8)
+            return mask, lesion if self.settings.save_probabilities else None
+        fill = np.zeros(probabilities.shape[0], dtype=np.float32)
+        fill[0] = 1.0  # outside the body box: background, as for windows that were not run
+        original = invert_probabilities(probabilities, properties, fill=fill)
+        mask = self.probabilities_to_mask(original)
+        return mask, lesion_probability(original) if self.settings.save_probabilities else None
+
     # -------------------------------------------------------------- one case
     def load(self, record: CaseRecord) -> tuple[LoadedCase, np.ndarray, dict]:
         """(the checked case, its preprocessed array, properties); ``InputError`` for bad input."""
@@ -260,19 +286,15 @@ class Predictor:
         data, properties = _preprocess(case, record, self.model)
         return case, data, properties
 
-    def predict_loaded(self, case: LoadedCase, data: np.ndarray, properties: dict, started: float | None = None) -> CasePrediction:
-        from autopetseg.preprocessing.preprocessor import invert_probabilities
-
+    def predict_loaded(
+        self, case: LoadedCase, data: np.ndarray, properties: dict, started: float | None = None
+    ) -> CasePrediction:
+        """Predict a case loaded by ``load`` (``started``: when its clock started, for the timing)."""
         started = time.perf_counter() if started is None else started
         stats = SlidingWindowStats()
         probabilities = self.predict_array(data, stats).numpy()
-        fill = np.zeros(probabilities.shape[0], dtype=np.float32)
-        fill[0] = 1.0  # outside the body box: background, as for windows that were not run
-        original = invert_probabilities(probabilities, properties, fill=fill)
+        mask, lesion = self.to_original(probabilities, properties)
         del probabilities
-        mask = self.probabilities_to_mask(original)
-        lesion = lesion_probability(original) if self.settings.save_probabilities else None
-        del original
         numbers = clinical_numbers(mask, case.pet, case.geometry.spacing_zyx)
         return CasePrediction(
             case_id=case.case_id,

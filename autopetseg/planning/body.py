@@ -60,13 +60,39 @@ def body_mask(ct: np.ndarray | None, pet: np.ndarray, settings: BodyMaskSettings
     if not raw.any():
         logger.debug("no body found in CT or PET; the whole image counts as body")
         return np.ones(pet.shape, dtype=bool)
+    mask, _ = body_mask_in_region(raw, [[0, int(n)] for n in raw.shape], raw.shape, settings)
+    return mask
 
-    factor = coarse_factor(raw.shape, settings.max_coarse_voxels)
+
+def body_mask_in_region(raw: np.ndarray, region: list[list[int]], shape: tuple[int, ...],
+                        settings: BodyMaskSettings = BodyMaskSettings()) -> tuple[np.ndarray, list[list[int]]]:
+    """Steps 2-4 of the module docstring for a threshold ``raw`` known only inside ``region`` (a box
+    of an image of ``shape``, end exclusive) and False everywhere outside it.
+
+    Returns (the body mask on the region grown to whole coarse blocks, that grown region). It equals
+    ``body_mask`` of the whole image restricted to the grown region, and the whole-image mask is
+    False outside it: the blocks are those of the whole image (the region is grown to block
+    boundaries), the opening and the component filter never add voxels, and a background pocket
+    that reaches the region's border in its axial slice reaches the image border through the empty
+    outside, so it is not filled in either computation. This lets loading resample the CT onto the
+    tissue region only.
+    """
+    factor = coarse_factor(tuple(shape), settings.max_coarse_voxels)
+    grown = align_box(region, factor, shape)
+    if grown != [list(map(int, r)) for r in region]:
+        padded = np.zeros([hi - lo for lo, hi in grown], dtype=bool)
+        padded[tuple(slice(r[0] - g[0], r[1] - g[0]) for r, g in zip(region, grown))] = raw
+        raw = padded
     coarse = _block_any(raw, factor)
     cleaned = _clean(coarse, settings)
     if not cleaned.any():  # the opening removed everything (a tiny or very thin image): keep the threshold
         cleaned = coarse
-    return _upsample(cleaned, factor, raw.shape)
+    return _upsample(cleaned, factor, raw.shape), grown
+
+
+def align_box(box, factor: int, shape) -> list[list[int]]:
+    """``box`` grown to whole ``factor``-blocks of the image grid (the last block may be partial)."""
+    return [[int(lo) // factor * factor, min(-(-int(hi) // factor) * factor, int(n))] for (lo, hi), n in zip(box, shape)]
 
 
 def body_bbox(mask: np.ndarray) -> list[list[int]]:

@@ -20,6 +20,10 @@ distributions of lesion volume and SUVmax. Cases whose input is bad are left out
 
 With ``samples_per_case`` at least the number of body (lesion) voxels of every case, all voxels
 are used and the statistics are exact; below it, each case contributes the same number of samples.
+
+Every case is measured on its body crop (``preprocessing.cropping.CroppedCase``: all body and
+lesion voxels lie inside it). Given a ``cropped_dir``, the pass saves those crops there (the
+cropped stage of the cache), so that preprocessing does not read and resample the raw files again.
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from autopetseg.data.loading import load_case
 from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord, Dataset
 from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json, write_json
-from autopetseg.planning.body import BodyMaskSettings, bbox_shape, bbox_slices, body_bbox, body_mask, union_bbox
+from autopetseg.planning.body import BodyMaskSettings, bbox_shape, bbox_slices, body_bbox
 from autopetseg.planning.plans import CHANNELS
+from autopetseg.preprocessing.cropping import CroppedCase, load_cropped_case, read_cropped, save_cropped
 
 logger = logging.getLogger(__name__)
 
@@ -297,15 +301,30 @@ def fingerprint_case(
     seed: int = 0,
     samples_per_case: int = DEFAULT_SAMPLES_PER_CASE,
     body_settings: BodyMaskSettings = BodyMaskSettings(),
+    cropped_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[CaseFingerprint, CaseSamples]:
-    """Measure one case. Input problems surface as ``InputError`` from ``load_case``."""
-    case = load_case(record)
-    rng = case_rng(seed, record.case_id)
-    mask = body_mask(case.ct, case.pet, body_settings)
-    bbox = body_bbox(mask)
-    if case.label is not None and case.label.any():
-        # Preprocessing crops to body ∪ lesions (a lesion is never cropped away): measure the same box.
-        bbox = union_bbox(bbox, body_bbox(case.label > 0))
+    """Measure one case. Input problems surface as ``InputError`` from ``load_case``.
+
+    With ``cropped_dir``, the body-cropped case is saved there for preprocessing
+    (``preprocessing.cropping``), and an up-to-date entry already there is measured instead of the
+    raw files (unless ``overwrite``): the numbers are the same either way.
+    """
+    case = None
+    if cropped_dir is not None and not overwrite:
+        case = read_cropped(Path(cropped_dir), record, body_settings)
+    if case is None:
+        case = load_cropped_case(record, settings=body_settings)
+        if cropped_dir is not None:
+            save_cropped(Path(cropped_dir), record, case, body_settings)
+    return measure_cropped(case, seed, samples_per_case)
+
+
+def measure_cropped(case: CroppedCase, seed: int = 0,
+                    samples_per_case: int = DEFAULT_SAMPLES_PER_CASE) -> tuple[CaseFingerprint, CaseSamples]:
+    """The fingerprint of a body-cropped case (every body and lesion voxel lies in the crop)."""
+    rng = case_rng(seed, case.case_id)
+    mask = case.body
     channels = (case.pet.reshape(-1), case.ct.reshape(-1))  # order of CHANNELS
 
     body_idx = sample_mask(mask, samples_per_case, rng)
@@ -319,11 +338,11 @@ def fingerprint_case(
         lesion_samples = np.stack([c[lesion_idx] for c in channels]).astype(np.float32)
 
     fp = CaseFingerprint(
-        case_id=record.case_id,
+        case_id=case.case_id,
         spacing_zyx=[float(s) for s in case.geometry.spacing_zyx],
         shape_zyx=[int(s) for s in case.geometry.shape_zyx],
-        bbox_zyx=bbox,
-        shape_after_crop_zyx=bbox_shape(bbox),
+        bbox_zyx=[[int(lo), int(hi)] for lo, hi in case.bbox_zyx],
+        shape_after_crop_zyx=bbox_shape(case.bbox_zyx),
         body_voxels=int(np.count_nonzero(mask)),
         lesions=lesions,
     )
@@ -391,12 +410,17 @@ def extract_fingerprint(
     seed: int = 0,
     samples_per_case: int = DEFAULT_SAMPLES_PER_CASE,
     body_settings: BodyMaskSettings = BodyMaskSettings(),
+    cropped_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[Fingerprint, list[InputError]]:
     """Fingerprint every case of ``dataset``; bad cases are returned as ``InputError``s, not raised.
 
-    Raises ``InputError`` only when no case at all could be measured.
+    ``cropped_dir``: where the body-cropped cases are saved for preprocessing (and reused from, unless
+    ``overwrite``), see ``fingerprint_case``. Raises ``InputError`` only when no case at all could be
+    measured.
     """
-    fn = functools.partial(fingerprint_case, seed=seed, samples_per_case=samples_per_case, body_settings=body_settings)
+    fn = functools.partial(fingerprint_case, seed=seed, samples_per_case=samples_per_case, body_settings=body_settings,
+                           cropped_dir=None if cropped_dir is None else str(cropped_dir), overwrite=overwrite)
     results, failures = run_per_case(fn, dataset.cases, num_processes=num_processes, desc="fingerprint")
     ordered = [results[c.case_id] for c in dataset.cases if c.case_id in results]
     for err in failures:

@@ -2,8 +2,11 @@
 
 One case, in this order (GDFL paper §2.2, with the cheap steps first):
 
-1. ``load_case``: every input check; the CT comes resampled onto the PET grid.
+1. ``load_case``: every input check.
 2. Crop to the body bounding box (the lesions always inside it): whole-body PET/CT is mostly air.
+   The CT is resampled onto the PET grid inside the crop only (``preprocessing.cropping``). When
+   the fingerprint pass left the crop in the cropped stage of the cache (``cropped_dir``), steps
+   1-2 are a read of that entry instead of the raw files.
 3. Normalize on the crop, before resampling, so the arithmetic runs on the smaller array when the
    target grid is finer: CT clipped to ``ct_clip_hu`` and scaled to [0, 1]; PET kept in SUV,
    clipped at ``pet_clip_suv`` when the plans set it. Linear interpolation commutes with the CT's
@@ -25,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from autopetseg.data.imageio import Geometry
-from autopetseg.data.loading import LoadedCase, load_case
+from autopetseg.data.loading import LoadedCase
 from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord, Dataset
 from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json, save_npy, write_json
-from autopetseg.planning.body import body_bbox, body_mask, union_bbox
+from autopetseg.planning.body import BodyMaskSettings
 from autopetseg.planning.plans import ConfigurationPlan, NormalizationPlan, Plans
+from autopetseg.preprocessing.cropping import CroppedCase, crop_case, load_cropped_case, read_cropped
 from autopetseg.preprocessing.foreground import ForegroundSampling, case_rng, sample_foreground
 from autopetseg.preprocessing.resampling import (
     LabelResampling,
@@ -52,6 +56,7 @@ class PreprocessingSettings:
 
     label_resampling: LabelResampling = field(default_factory=LabelResampling)
     foreground: ForegroundSampling = field(default_factory=ForegroundSampling)
+    body: BodyMaskSettings = field(default_factory=BodyMaskSettings)  # the crop (planning.body)
 
 
 DEFAULT_SETTINGS = PreprocessingSettings()
@@ -76,13 +81,10 @@ def normalize_pet(pet: np.ndarray, normalization: NormalizationPlan) -> np.ndarr
     return np.minimum(pet, np.float32(normalization.pet_clip_suv), dtype=np.float32)
 
 
-def crop_box(case: LoadedCase) -> list[list[int]]:
+def crop_box(case: LoadedCase, settings: BodyMaskSettings = BodyMaskSettings()) -> list[list[int]]:
     """The body's bounding box (``planning.body``) grown to hold every lesion voxel, so that cropping
     never removes a lesion, even one drawn in air by mistake."""
-    box = body_bbox(body_mask(case.ct, case.pet))
-    if case.label is not None and case.label.any():
-        box = union_bbox(box, body_bbox(case.label))
-    return box
+    return crop_case(case, settings).bbox_zyx
 
 
 def _signature(plans: Plans, conf: ConfigurationPlan, settings: PreprocessingSettings) -> dict:
@@ -93,31 +95,35 @@ def _signature(plans: Plans, conf: ConfigurationPlan, settings: PreprocessingSet
         "pet_clip_suv": plans.normalization.pet_clip_suv,
         "label_resampling": asdict(settings.label_resampling),
         "foreground": asdict(settings.foreground),
+        "body": asdict(settings.body),
     }
 
 
 def _preprocess_loaded(
-    case: LoadedCase,
+    case: LoadedCase | CroppedCase,
     plans: Plans,
     conf: ConfigurationPlan,
     settings: PreprocessingSettings,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(data (2, z, y, x) float32, seg uint8 or None, properties without the lesion numbers)."""
-    geometry = case.geometry
-    bbox = crop_box(case)
-    box = tuple(slice(a, b) for a, b in bbox)
+    """(data (2, z, y, x) float32, seg uint8 or None, properties without the lesion numbers).
+
+    ``case``: a loaded case (cropped here) or an already cropped one.
+    """
+    cropped = case if isinstance(case, CroppedCase) else crop_case(case, settings.body)
+    geometry = cropped.geometry
+    bbox = cropped.bbox_zyx
     crop = crop_geometry(geometry, bbox)
     target = resampled_geometry(crop, conf.spacing_zyx)
 
     data = np.empty((2, *target.shape_zyx), dtype=np.float32)
-    resample_array(normalize_pet(case.pet[box], plans.normalization), crop, target, "linear", out=data[0])
-    resample_array(normalize_ct(case.ct[box], plans.normalization), crop, target, "linear", out=data[1])
+    resample_array(normalize_pet(cropped.pet, plans.normalization), crop, target, "linear", out=data[0])
+    resample_array(normalize_ct(cropped.ct, plans.normalization), crop, target, "linear", out=data[1])
     seg = None
-    if case.label is not None:
-        seg = resample_label(case.label[box], crop, target, settings.label_resampling)
+    if cropped.label is not None:
+        seg = resample_label(cropped.label, crop, target, settings.label_resampling)
 
     properties = {
-        "case_id": case.case_id,
+        "case_id": cropped.case_id,
         "geometry": {key: list(value) for key, value in asdict(geometry).items()},  # as JSON reads it back
         "bbox_zyx": [[int(a), int(b)] for a, b in bbox],
         "shape_after_crop_zyx": list(crop.shape_zyx),
@@ -139,7 +145,7 @@ def preprocess_for_inference(
 ) -> tuple[np.ndarray, dict]:
     """The cache array and properties of one case, in memory (no label read, nothing written)."""
     conf = plans.configuration(configuration)
-    case = load_case(record, with_label=False)
+    case = load_cropped_case(record, with_label=False, settings=settings.body)
     data, _, properties = _preprocess_loaded(case, plans, conf, settings)
     properties.update(cohort=record.cohort, patient=record.patient)
     return data, properties
@@ -165,16 +171,21 @@ def preprocess_case(
     out_dir: Path,
     seed: int = 0,
     settings: PreprocessingSettings = DEFAULT_SETTINGS,
+    cropped_dir: str | Path | None = None,
 ) -> dict:
     """Preprocess one case into ``out_dir`` and return its properties (also ``<case>.json``).
 
-    An unlabelled case (``record.label is None``) gets an all-zero mask, no lesion locations and
-    ``has_label: false``. Raises ``InputError`` for bad input.
+    The case comes from the cropped stage ``cropped_dir`` when an up-to-date entry made with
+    ``settings.body`` is there, else from the raw files. An unlabelled case (``record.label is
+    None``) gets an all-zero mask, no lesion locations and ``has_label: false``. Raises
+    ``InputError`` for bad input.
     """
     conf = plans.configuration(configuration)
-    case = load_case(record)
+    case = read_cropped(Path(cropped_dir), record, settings.body) if cropped_dir is not None else None
+    if case is None:
+        case = load_cropped_case(record, settings=settings.body)
     data, seg, properties = _preprocess_loaded(case, plans, conf, settings)
-    del case  # the full-size arrays are no longer needed while the files are written
+    del case  # the crop is no longer needed while the files are written
 
     if seg is None:
         seg = np.zeros(data.shape[1:], dtype=np.uint8)
@@ -291,8 +302,12 @@ def preprocess_dataset(
     overwrite: bool = False,
     seed: int = 0,
     settings: PreprocessingSettings = DEFAULT_SETTINGS,
+    cropped_dir: str | Path | None = None,
 ) -> list[InputError]:
     """Preprocess every case into ``preprocessed_dir/<data_identifier>/``; returns the bad cases.
+
+    ``cropped_dir``: the cropped stage the fingerprint wrote (``preprocessing.cropping``); cases
+    found there up to date are not read from the raw files again.
 
     One pass per distinct ``data_identifier`` among ``configurations``. A case whose properties
     JSON exists and was made with the same settings is skipped unless ``overwrite``; stray
@@ -319,7 +334,8 @@ def preprocess_dataset(
             continue
         processes = max(1, min(int(num_processes), len(todo)))
         worker = functools.partial(
-            preprocess_case, plans=plans, configuration=name, out_dir=out_dir, seed=seed, settings=settings
+            preprocess_case, plans=plans, configuration=name, out_dir=out_dir, seed=seed, settings=settings,
+            cropped_dir=None if cropped_dir is None else str(cropped_dir),
         )
         _, bad = run_per_case(worker, todo, processes, f"preprocess {identifier}")
         failures.extend(bad)

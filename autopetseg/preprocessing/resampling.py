@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autopetseg.data.imageio import Geometry
+from autopetseg.data.loading import box_geometry
 
 # Spacings closer than this (relative) count as equal: no resampling along that grid at all.
 SAME_SPACING_RTOL = 1e-4
@@ -32,16 +33,9 @@ def _direction_matrix(geometry: Geometry) -> np.ndarray:
 
 
 def crop_geometry(geometry: Geometry, bbox_zyx) -> Geometry:
-    """The geometry of ``array[z0:z1, y0:y1, x0:x1]`` cut out of an image with ``geometry``."""
-    start_xyz = np.array([bbox_zyx[2][0], bbox_zyx[1][0], bbox_zyx[0][0]], dtype=np.float64)
-    spacing_xyz = np.asarray(geometry.spacing_zyx[::-1], dtype=np.float64)
-    origin = np.asarray(geometry.origin_xyz) + _direction_matrix(geometry) @ (start_xyz * spacing_xyz)
-    return Geometry(
-        shape_zyx=tuple(int(b[1] - b[0]) for b in bbox_zyx),
-        spacing_zyx=geometry.spacing_zyx,
-        origin_xyz=tuple(float(o) for o in origin),
-        direction=geometry.direction,
-    )
+    """The geometry of ``array[z0:z1, y0:y1, x0:x1]`` cut out of an image with ``geometry``
+    (the same arithmetic loading uses to resample the CT onto a box)."""
+    return box_geometry(geometry, bbox_zyx)
 
 
 def is_same_spacing(spacing_a_zyx, spacing_b_zyx) -> bool:

@@ -64,6 +64,10 @@ class TrainerConfig:
     momentum: float = 0.99  # SGD only (nnU-Net)
     schedule: str = "cosine"  # "cosine", "poly", "constant"; stepped per iteration
     grad_clip_norm: float | None = 12.0  # nnU-Net's clipping; None disables
+    # Focal-loss "prior" initialisation (Lin et al., RetinaNet §4.1): the output layer's biases start
+    # at the log-odds of background 1 - p and lesion p, so training starts from "all background"
+    # instead of p = 0.5 everywhere. None keeps PyTorch's initialisation (the papers' setting).
+    output_prior: float | None = None
     foreground_share: float = 0.33  # share of patches centred on a lesion voxel (nnU-Net's oversampling)
     validation_interval: int = 1  # validate every k epochs (and always after the last epoch)
     validation_batch_size: int = 2  # sliding-window windows per forward pass
@@ -73,7 +77,10 @@ class TrainerConfig:
     channels_last_3d: bool = False
     compile: bool = False  # torch.compile the training forward
     seed: int = 0
-    num_workers: int = 4  # data-loading processes per training process; 0 = in the main process
+    # Data-loading processes per training process; 0 = in the main process. None: the cores this
+    # process may use minus one for its own work, at most 12 with CUDA (nnU-Net's default) and 2 on
+    # the CPU (where the workers compete with the training threads).
+    num_workers: int | None = None
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the variant's loss
 
@@ -118,5 +125,7 @@ class TrainerConfig:
             raise ValueError(f"amp_dtype must be auto, bf16 or fp16, got {self.amp_dtype!r}")
         if self.validation_interval < 1:
             raise ValueError("validation_interval must be >= 1")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.output_prior is not None and not 0.0 < self.output_prior < 0.5:
+            raise ValueError(f"output_prior must be in (0, 0.5), got {self.output_prior}")

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from autopetseg.training.variants import get_trainer_class
 logger = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
+DDP_TIMEOUT = timedelta(hours=2)
 _DATASET_ID = re.compile(r"^Dataset(\d{3})_")
 
 
@@ -81,7 +83,8 @@ def init_distributed(device: torch.device) -> tuple[DistributedContext, bool]:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 validates whole volumes while the others wait at a barrier: allow for long validations.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
         started = True
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank), started
 

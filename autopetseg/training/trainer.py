@@ -14,6 +14,28 @@ Hooks a variant may override: ``build_network``, ``build_loss``, ``configure_opt
 ``make_train_loader``, ``prepare_batch``, ``compute_loss``, ``output_to_mask``; class attributes
 ``name``, ``config_defaults`` (the variant's hyper-parameters) and ``inference_activation``.
 
+Reproducibility and resuming: every training batch is drawn from a random stream seeded by
+(seed, rank, batch index) (``data_loader.py``), and the checkpoint holds network, optimizer,
+scheduler, GradScaler and RNG states, so ``--continue`` after an interruption at epoch e starts at
+epoch e + 1 and, on the CPU with the same seed, ends bit-identical to an uninterrupted run.
+Continuing with more ``epochs`` than the checkpoint was made with keeps the optimizer step count:
+the cosine then continues on the longer curve (a warning says so).
+
+Speed options (``TrainerConfig``), all off on the CPU by default:
+
+* ``amp``: autocast (default on for CUDA) in ``amp_dtype`` "auto" = bf16 where the GPU supports
+  it, else fp16 with a ``GradScaler`` (its state is checkpointed and restored). Losses are
+  computed in float32 outside autocast. bf16 and fp16 also run on the CPU (tested), rarely faster.
+* ``channels_last_3d``: network and inputs in the channels-last memory format; whether it is
+  faster depends on the GPU and cuDNN, measure with ``benchmarks/train_throughput.py --channels-last``.
+* ``compile``: ``torch.compile`` of the training forward (of the DDP wrapper under DDP);
+  validation and checkpoints use the eager module. The first iterations compile (about 90 s
+  for the tiny CPU network on two busy cores), so it pays off only for long runs.
+
+DDP (torchrun): each rank trains on its own patch stream; gradients are averaged by DDP and the
+batch-norm running statistics are averaged at the end of every epoch, so all ranks hold the
+same weights; only rank 0 validates and writes.
+
 Files in the fold folder: ``config.json``, ``checkpoint_latest.pt`` (every epoch),
 ``checkpoint_best.pt`` (highest mean validation DSC; ties keep the earlier epoch),
 ``checkpoint_final.pt``, ``validation.json``, ``training_log.csv``, ``progress.png``. All written
@@ -25,8 +47,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -107,6 +131,7 @@ class Trainer:
         self.patch_size = list(self.config.patch_size or self.configuration.patch_size)
         self.batch_size = int(self.config.batch_size or self.configuration.batch_size)
         self.amp_dtype = self._resolve_amp_dtype()
+        self.num_workers = self._resolve_num_workers()
         # Filled by setup()
         self.network: nn.Module
         self.start_epoch = 0
@@ -129,6 +154,16 @@ class Trainer:
         if self.config.amp_dtype == "bf16" or self.device.type != "cuda":
             return torch.bfloat16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _resolve_num_workers(self) -> int:
+        if self.config.num_workers is not None:
+            return int(self.config.num_workers)
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)))
+        return max(0, min(12 if self.device.type == "cuda" else 2, per_process - 1))
 
     # ------------------------------------------------------------------ hooks
     def build_network(self) -> nn.Module:
@@ -164,7 +199,7 @@ class Trainer:
             cfg.augmentation,
             seed=seed,
             rank=self.dist.rank,
-            num_workers=cfg.num_workers,
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             start_batch=self.start_epoch * cfg.iterations_per_epoch,
         )
@@ -190,6 +225,8 @@ class Trainer:
         np.random.seed(self.config.seed + self.dist.rank)
         random.seed(self.config.seed + self.dist.rank)
         self.network = self.build_network().to(self.device)
+        if self.config.output_prior is not None:
+            self.initialize_output_prior(self.config.output_prior)
         if self.config.channels_last_3d:
             self.network = self.network.to(memory_format=torch.channels_last_3d)
         self.loss = self.build_loss().to(self.device)
@@ -214,6 +251,37 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.output_dir / "config.json", self._description())
 
+    def initialize_output_prior(self, prior: float) -> None:
+        """Bias of the layer that makes the logits: log-odds of 1 - ``prior`` (class 0), of ``prior`` (others).
+
+        The output layer is found by running one patch through the network (eval mode, no
+        gradient): the last convolution executed with ``num_classes`` output channels. Its bias
+        adds directly to the logits in the networks we build (a bare convolution at the end, or
+        one inside a residual unit with an identity shortcut).
+        """
+        executed: list[nn.Module] = []
+        hooks = [
+            m.register_forward_hook(lambda module, _inp, _out: executed.append(module))
+            for m in self.network.modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == self.num_classes
+        ]
+        was_training = self.network.training
+        try:
+            self.network.eval()
+            with torch.no_grad():
+                self.network(torch.zeros([1, self.in_channels, *self.patch_size], device=self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.network.train(was_training)
+        if not executed or executed[-1].bias is None:
+            logger.warning("no output convolution with a bias found; output_prior ignored")
+            return
+        log_odds = math.log(prior / (1.0 - prior))
+        with torch.no_grad():
+            executed[-1].bias.fill_(log_odds)
+            executed[-1].bias[0] = -log_odds
+
     def _description(self) -> dict[str, Any]:
         return {
             "trainer": self.name,
@@ -222,6 +290,7 @@ class Trainer:
             "patch_size": self.patch_size,
             "batch_size_per_process": self.batch_size,
             "world_size": self.dist.world_size,
+            "num_workers": self.num_workers,
             "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
             "train_cases": self.train_case_ids,
             "val_cases": self.val_case_ids,
@@ -290,7 +359,14 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.network.parameters(), self.config.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips the optimizer step on overflowing gradients by design; the
+            # schedule still advances per iteration, which torch would warn about.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         return loss.detach()
 
     def _autocast(self):
@@ -412,6 +488,14 @@ class Trainer:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # The optimizer comes back with the last learning rate of the saved run; take the next one
+            # from this run's schedule (the same value unless epochs or iterations changed).
+            step = self.scheduler.last_epoch
+            lrs = [base * factor(step) for base, factor in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self.scheduler._last_lr = lrs
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         elif self.scaler.is_enabled():
