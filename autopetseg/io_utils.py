@@ -53,6 +53,17 @@ def _to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def nan_to_none(obj: Any) -> Any:
+    """``nan`` → ``None`` throughout dicts and lists (JSON has no NaN; ``write_json`` refuses it)."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` (dataclasses, numpy scalars and arrays allowed) as indented JSON, atomically."""
     with atomic_path(path, ".json") as tmp:

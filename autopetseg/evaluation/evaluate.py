@@ -33,7 +33,7 @@ from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
 from autopetseg.evaluation.clinical import clinical_numbers
 from autopetseg.evaluation.metrics import aggregate, case_metrics, challenge_voxel_volume_ml, detection
-from autopetseg.io_utils import atomic_path, write_json
+from autopetseg.io_utils import atomic_path, nan_to_none, write_json
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +164,6 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def _json_safe(obj):
-    """``nan`` → ``None`` (JSON has no NaN; ``write_json`` refuses it)."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_metrics_csv(path: str | Path, rows: list[dict]) -> None:
     """Rows as CSV (full float precision, ``nan`` where a number is undefined), atomically."""
     with atomic_path(path, ".csv") as tmp:
@@ -243,5 +232,5 @@ def evaluate_folder(
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_metrics_csv(out_dir / METRICS_CSV, rows)
-        write_json(out_dir / SUMMARY_JSON, _json_safe(summary))
+        write_json(out_dir / SUMMARY_JSON, nan_to_none(summary))
     return rows, summary

@@ -62,7 +62,7 @@ from torch import nn
 
 from autopetseg.evaluation.metrics import aggregate, case_metrics
 from autopetseg.inference.sliding_window import sliding_window_predict
-from autopetseg.io_utils import atomic_path, write_json
+from autopetseg.io_utils import atomic_path, nan_to_none, write_json
 from autopetseg.planning.plans import ConfigurationPlan, Plans
 from autopetseg.training.config import TrainerConfig
 from autopetseg.training.data_loader import CachedCase, make_train_loader
@@ -436,7 +436,7 @@ class Trainer:
     def _write_validation(self, epoch: int, validation: dict) -> None:
         write_json(
             self.output_dir / "validation.json",
-            _nan_to_none(
+            nan_to_none(
                 {
                     "trainer": self.name,
                     "fold": self.fold,
@@ -529,12 +529,3 @@ def lr_factor_schedule(kind: str, total_steps: int):
 
     return {"cosine": cosine, "poly": poly, "constant": constant}[kind]
 
-
-def _nan_to_none(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
