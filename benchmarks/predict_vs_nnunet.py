@@ -21,7 +21,8 @@ Part 1, held-out whole-body phantoms (``--n-test``, default 3) at 6 mm isotropic
    * the user's CT -> PET grid conversion for nnU-Net (SimpleITK linear, -1024 HU fill), own row;
    * ``nnUNetv2_predict -f 0 -device cpu`` with its defaults (mirroring TTA on, step 0.5);
    * ``autopetseg predict -f 0 --device cpu`` with its defaults (TTA off, as in the GDFL paper),
-     for the default plan and for the CPU plan.
+     for the default plan and for the CPU plan; plus, like for like with nnU-Net's default, the
+     default plan with ``--tta`` (``--no-tta-row`` leaves it out).
    Wall time, peak RSS of the whole process tree (``/proc`` sampled every ``--poll`` s, the
    helper of ``preprocess_vs_nnunet.py``), seconds per case, the ratio to nnU-Net, and the DSC of
    each tool's masks by ``autopetseg evaluate`` (same metric code for both).
@@ -186,21 +187,26 @@ def nnunet_model(raw: Path, work: Path, epochs: int, iterations: int, num_proces
     nn_env = dict(env, nnUNet_raw=str(nn_raw), nnUNet_preprocessed=str(nn_pre), nnUNet_results=str(nn_res))
     trainer = nnunet_trainer_name(epochs)
     fold_dir = nn_res / DATASET_NAME / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
-    settings = {"raw": str(raw), "trainer": trainer, "iterations": iterations,
-                "raw_settings": json.loads((raw / "benchmark_settings.json").read_text())}
-    marker = work / "nnunet_settings.json"
+    prep = {"raw": str(raw), "raw_settings": json.loads((raw / "benchmark_settings.json").read_text())}
+    settings = {**prep, "trainer": trainer, "iterations": iterations}
+    marker, prep_marker = work / "nnunet_settings.json", work / "nnunet_prep_settings.json"
     if _settings_match(marker, settings) and (fold_dir / "checkpoint_final.pth").is_file():
         print(f"reusing the nnU-Net model in {fold_dir}")
         return nn_env, trainer
-    for folder in (nn_raw, nn_pre, nn_res):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
     marker.unlink(missing_ok=True)
-    print("converting the training cases for nnU-Net (not timed) ...", flush=True)
-    convert_for_nnunet(raw, nn_raw / DATASET_NAME, num_processes)
-    run_untimed("nnUNetv2_plan_and_preprocess",
-                ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np", str(num_processes),
-                 "-npfp", str(num_processes)], nn_env, logs / "nn_plan.log")
+    shutil.rmtree(nn_res, ignore_errors=True)
+    nn_res.mkdir(parents=True)
+    if not _settings_match(prep_marker, prep):  # convert, plan and preprocess only when the data changed
+        prep_marker.unlink(missing_ok=True)
+        for folder in (nn_raw, nn_pre):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        print("converting the training cases for nnU-Net (not timed) ...", flush=True)
+        convert_for_nnunet(raw, nn_raw / DATASET_NAME, num_processes)
+        run_untimed("nnUNetv2_plan_and_preprocess",
+                    ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION, "-np",
+                     str(num_processes), "-npfp", str(num_processes)], nn_env, logs / "nn_plan.log")
+        prep_marker.write_text(json.dumps(prep))
     run_untimed(f"nnU-Net train ({trainer}, {iterations} iterations/epoch)",
                 [sys.executable, str(Path(__file__).resolve()), "--nnunet-train-only", str(DATASET_ID), trainer,
                  str(iterations)],
@@ -319,7 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, nargs=3, default=(6.0, 6.0, 6.0), metavar=("X", "Y", "Z"),
                         help="PET voxel size in mm, x y z (default 6 6 6, the issue's reference)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs, both tools' default plans")
-    parser.add_argument("--iterations", type=int, default=20, help="iterations per epoch, both tools' default plans")
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="iterations per epoch, both tools' default plans (nnU-Net: ~3 min each on 2 cores)")
     parser.add_argument("--cpu-epochs", type=int, default=2, help="epochs for the autopetseg CPU plan")
     parser.add_argument("--cpu-iterations", type=int, default=50, help="iterations per epoch, autopetseg CPU plan")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the timed runs")
@@ -328,6 +335,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-nnunet", action="store_true", help="run only autopetseg")
     parser.add_argument("--skip-cpu-plan", action="store_true", help="no autopetseg CPU-plan row")
+    parser.add_argument("--no-tta-row", action="store_true",
+                        help="no extra row for autopetseg's default plan with --tta (nnU-Net's default is TTA on)")
     parser.add_argument("--skip-phantoms", action="store_true", help="skip part 1 (only with --autopet-case)")
     parser.add_argument("--autopet-case", action="store_true", help="also time one autoPET-sized case, 5 folds")
     parser.add_argument("--autopet-slices", type=int, default=326)
@@ -394,17 +403,20 @@ def main(argv=None) -> int:
                 logs / "nn_predict.log", args.poll)
             rows["nnU-Net v2 (TTA on)"] = {**asdict(m), **load, "pred": str(pred),
                                            "plan": nnunet_plan_summary(work)}
-        for label, model_dir in models.items():
-            tag = "gpu" if "gpu" in label else "cpu"
+        runs = [(label, model_dir, "gpu" if "gpu" in label else "cpu", []) for label, model_dir in models.items()]
+        if not args.no_tta_row:  # like for like with nnU-Net's default: the same model with mirroring TTA
+            runs.insert(1, ("default plan (--gpu-memory 8)", models["default plan (--gpu-memory 8)"], "gpu_tta", ["--tta"]))
+        for label, model_dir, tag, flags in runs:
             pred = work / f"pred_autopetseg_{tag}"
             shutil.rmtree(pred, ignore_errors=True)
             log_file = logs / f"ap_predict_{tag}.log"
+            tta = "TTA on, --tta" if flags else "TTA off"
             m, load = measure_with_load(
-                f"autopetseg predict, {label}",
+                f"autopetseg predict, {label}, {tta}",
                 [sys.executable, "-m", "autopetseg", "predict", "-i", str(test_raw), "-o", str(pred), "-m",
-                 str(model_dir), "-f", "0", "--device", "cpu"], timed_env, log_file, args.poll)
-            rows[f"autopetseg, {label} (TTA off)"] = {**asdict(m), **load, "pred": str(pred),
-                                                        "windows": windows_run(log_file), "plan": plan_summary(model_dir)}
+                 str(model_dir), "-f", "0", "--device", "cpu", *flags], timed_env, log_file, args.poll)
+            rows[f"autopetseg, {label} ({tta})"] = {**asdict(m), **load, "pred": str(pred),
+                                                    "windows": windows_run(log_file), "plan": plan_summary(model_dir)}
         failed += [k for k, r in rows.items() if r["returncode"] != 0]
 
         # ---- DSC (same evaluation code for both tools)
@@ -421,12 +433,12 @@ def main(argv=None) -> int:
         nn_wall = rows[nn_key]["wall_s"] if nn_key in rows else None
         lines.append(f"{n} held-out wholebody phantoms, PET {tuple(args.spacing)} mm (x,y,z), fold 0, CPU, "
                      f"OMP_NUM_THREADS={args.threads}, {os.cpu_count()} CPUs")
-        lines.append(f"{'':46s} {'wall s':>7s} {'s/case':>7s} {'x nnU':>6s} {'RSS GB':>7s} {'PSS GB':>7s} "
+        lines.append(f"{'':58s} {'wall s':>7s} {'s/case':>7s} {'x nnU':>6s} {'RSS GB':>7s} {'PSS GB':>7s} "
                      f"{'DSC':>6s} {'load':>10s}")
         for label, r in rows.items():
             ratio = f"{r['wall_s'] / nn_wall:6.2f}" if nn_wall and "pred" in r else f"{'':6s}"
             dsc = f"{r['mean_dsc']:6.3f}" if isinstance(r.get("mean_dsc"), (int, float)) else f"{'-':>6s}"
-            lines.append(f"{label:46s} {r['wall_s']:7.1f} {r['wall_s'] / n:7.1f} {ratio} {r['peak_tree_rss_gb']:7.2f} "
+            lines.append(f"{label:58s} {r['wall_s']:7.1f} {r['wall_s'] / n:7.1f} {ratio} {r['peak_tree_rss_gb']:7.2f} "
                          f"{r['peak_tree_pss_gb']:7.2f} {dsc} {r['load_before']:4.1f}->{r['load_after']:4.1f}")
         for label, r in rows.items():
             extra = []
@@ -437,7 +449,7 @@ def main(argv=None) -> int:
             if extra:
                 lines.append(f"  {label}: {'; '.join(extra)}")
         if nn_wall:
-            ap_key = next(k for k in rows if k.startswith("autopetseg, default"))
+            ap_key = next(k for k in rows if k.startswith("autopetseg, default") and "TTA off" in k)
             ratio = rows[ap_key]["wall_s"] / nn_wall
             d_ap, d_nn = rows[ap_key].get("mean_dsc"), rows[nn_key].get("mean_dsc")
             lines.append(f"target: autopetseg (default plan) wall <= 1/4 of nnU-Net -> {ratio:.2f} "
