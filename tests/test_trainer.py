@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from _cache_helpers import DATASET, write_tiny_cache
-from autopetseg.training.config import AugmentationConfig
+from autopetseg.training.config import AugmentationConfig, TrainerConfig
 from autopetseg.training.data_loader import load_cached_case, make_train_loader
 from autopetseg.training.run import prepare_trainer, run_training
 from autopetseg.training.trainer import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, Trainer
@@ -355,3 +355,12 @@ def test_two_process_torchrun_on_cpu_agrees_on_weights_and_only_rank0_writes(tmp
     written = {Path(w.split(" ", 1)[1]).name for w in ranks[0]["writes"] if w.startswith("os.rename")}
     assert {"splits.json", "plans.json", "config.json", CHECKPOINT_LATEST, CHECKPOINT_BEST, CHECKPOINT_FINAL,
             "validation.json", "training_log.csv", "progress.png"} <= written
+
+
+@pytest.mark.parametrize("cores,device,expected", [(2, "cpu", 0), (4, "cpu", 0), (16, "cpu", 1), (16, "cuda", 12), (4, "cuda", 3)])
+def test_default_loader_workers_leave_few_cpu_cores_to_torch(monkeypatch, cores, device, expected):
+    trainer = Trainer.__new__(Trainer)  # only the resolution logic, no data or network
+    trainer.config = TrainerConfig()
+    trainer.device = torch.device(device)
+    monkeypatch.setattr(Trainer, "_cores_per_process", lambda self: cores)
+    assert trainer._resolve_num_workers() == expected

@@ -77,9 +77,9 @@ class TrainerConfig:
     channels_last_3d: bool = False
     compile: bool = False  # torch.compile the training forward
     seed: int = 0
-    # Data-loading processes per training process; 0 = in the main process. None: the cores this
-    # process may use minus one for its own work, at most 12 with CUDA (nnU-Net's default) and 2 on
-    # the CPU (where the workers compete with the training threads).
+    # Data-loading processes per training process; 0 = in the main process. None: with CUDA the
+    # cores this process may use minus one, at most 12 (nnU-Net's default); on the CPU 0 up to 4
+    # cores and 1 above (workers there compete with the training threads).
     num_workers: int | None = None
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the variant's loss

@@ -159,7 +159,13 @@ class Trainer:
     def _resolve_num_workers(self) -> int:
         if self.config.num_workers is not None:
             return int(self.config.num_workers)
-        return max(0, min(12 if self.device.type == "cuda" else 2, self._cores_per_process() - 1))
+        cores = self._cores_per_process()
+        if self.device.type == "cuda":
+            return max(0, min(12, cores - 1))
+        # On the CPU a worker takes a core from the intra-op threads that do the real work; with few
+        # cores preparing the batch in between steps is faster (measured on 2 cores, tiny CPU plan:
+        # 8.3 s per 100-iteration epoch with 0 workers and 2 threads, 13.0 s with 1 worker and 1 thread).
+        return 0 if cores <= 4 else 1
 
     def _share_cpu_cores(self) -> None:
         """On the CPU, leave the loader workers their cores: torch's intra-op threads default to every
