@@ -139,6 +139,7 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     from autopetseg.demo import DemoSettings, run_demo
+    from autopetseg.evaluation.metrics import f1_score
 
     settings = DemoSettings(n_train=args.num_train, n_test=args.num_test, folds=tuple(args.folds), epochs=args.epochs,
                             iterations_per_epoch=args.iterations, trainer=args.trainer, device=args.device,
@@ -150,8 +151,7 @@ def cmd_demo(args) -> int:
           f"FPV {s.get('mean_fpv_ml', float('nan')):.2f} ml   FNV {s.get('mean_fnv_ml', float('nan')):.2f} ml   "
           f"cases {s.get('n_cases')} ({s.get('n_positive')} with lesions)")
     tp, fp, fn = (s.get(f"total_{k}", 0) for k in ("tp", "fp", "fn"))
-    pooled_f1 = tp / (tp + 0.5 * (fp + fn)) if tp + fp + fn else float("nan")
-    print(f"  lesion detection (SUVmax rule): TP {tp}  FP {fp}  FN {fn}  F1 {pooled_f1:.3f}")
+    print(f"  lesion detection (SUVmax rule): TP {tp}  FP {fp}  FN {fn}  F1 {f1_score(tp, fp, fn):.3f}")
     print("  time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
     print(f"  masks and predictions.csv (TMTV, TLG, SUVmax, lesion count): {result.prediction_dir}")
     print(f"  metrics: {result.evaluation_dir}   MIP pictures: {result.evaluation_dir / 'png'}")

@@ -58,6 +58,7 @@ def link_shared_data(shared: Path, run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from autopetseg.demo import DemoSettings, run_demo
+    from autopetseg.evaluation.metrics import f1_score
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("autopetseg_time_to_accuracy"))
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             "trainer": trainer, "overrides": overrides, "network": config["config"]["network"], "train_s": result.seconds.get(f"train fold {args.fold}"),
             "total_s": total, "best_val_dsc": validation.get("mean_dsc"), "best_epoch": validation.get("epoch"),
             "dsc": s.get("mean_dsc"), "fpv_ml": s.get("mean_fpv_ml"), "fnv_ml": s.get("mean_fnv_ml"),
-            "tp": tp, "fp": fp, "fn": fn, "f1": tp / (tp + 0.5 * (fp + fn)) if tp + fp + fn else float("nan"),
+            "tp": tp, "fp": fp, "fn": fn, "f1": f1_score(tp, fp, fn),
         })
         (args.work / "results.json").write_text(json.dumps({"args": {**vars(args), "work": str(args.work)},
                                                            "rows": rows}, indent=1))

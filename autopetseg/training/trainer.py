@@ -105,6 +105,11 @@ class Trainer:
     in_channels = 2  # PET, CT
     num_classes = 2  # background, lesion
 
+    @classmethod
+    def output_prior_is_safe(cls, loss_settings: dict[str, Any] | None = None) -> bool:
+        """Whether starting from ``output_prior`` can train with this variant's loss (see L1DFLTrainer)."""
+        return True
+
     def __init__(
         self,
         plans: Plans,

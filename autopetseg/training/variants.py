@@ -97,8 +97,13 @@ class L1DFLTrainer(Trainer):
     name = "l1dfl"
     config_defaults = {**L1DFL_PAPER_DEFAULTS, "loss": {"bin_width": 0.1, "gamma": 2.0}}
 
+    @classmethod
+    def output_prior_is_safe(cls, loss_settings: dict[str, Any] | None = None) -> bool:
+        settings = {**cls.config_defaults["loss"], **(loss_settings or {})}
+        return not settings.get("squared_denominator", True)  # L1DFL always squares; Dice baselines by setting
+
     def initialize_output_prior(self, prior: float) -> None:
-        if self.config.loss.get("squared_denominator", True):  # L1DFL always squares; Dice baselines by setting
+        if not self.output_prior_is_safe(self.config.loss):
             logger.warning("%s with output_prior %s: the squared-denominator Dice of lesion-free patches can "
                            "pull training into predicting no lesion at all (see L1DFLTrainer); the paper starts "
                            "from PyTorch's initialisation", self.name, prior)
