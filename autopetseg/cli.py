@@ -103,7 +103,8 @@ def cmd_evaluate(args) -> int:
 
         print(f"lesion-level report (L1DFL paper analysis) in {report_folder(args.predictions, args.ground_truth, out_dir, rows)}")
     if getattr(args, "png", False):
-        from autopetseg.inference.pictures import PNG_FOLDER, write_evaluation_pictures
+        from autopetseg.evaluation.pictures import write_evaluation_pictures
+        from autopetseg.inference.pictures import PNG_FOLDER
 
         pictures = write_evaluation_pictures(args.predictions, args.ground_truth, out_dir / PNG_FOLDER)
         print(f"{len(pictures)} MIP picture(s) in {out_dir / PNG_FOLDER}")
@@ -139,7 +140,7 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     from autopetseg.demo import DemoSettings, run_demo
-    from autopetseg.evaluation.metrics import f1_score
+    from autopetseg.scoring.metrics import f1_score
 
     settings = DemoSettings(n_train=args.num_train, n_test=args.num_test, folds=tuple(args.folds), epochs=args.epochs,
                             iterations_per_epoch=args.iterations, trainer=args.trainer, device=args.device,

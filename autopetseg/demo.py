@@ -66,7 +66,7 @@ def run_demo(work_dir: str | Path = "autopetseg_demo", settings: DemoSettings | 
     """Run every stage in ``work_dir`` (raw/, preprocessed/, results/, predictions/, evaluation/)."""
     from autopetseg.data.synthetic import synthesize_dataset
     from autopetseg.evaluation.evaluate import evaluate_folder
-    from autopetseg.inference.pictures import write_evaluation_pictures
+    from autopetseg.evaluation.pictures import write_evaluation_pictures
     from autopetseg.inference.predictor import PredictorSettings, predict_folder
     from autopetseg.pipeline import plan_and_preprocess
     from autopetseg.training.run import model_dir as trained_model_dir

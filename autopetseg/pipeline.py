@@ -34,7 +34,7 @@ from autopetseg.planning.fingerprint import Fingerprint, extract_fingerprint, fi
 from autopetseg.planning.planner import KNOWN_CONFIGURATIONS, PlannerSettings, plan_experiment
 from autopetseg.planning.plans import ComputeBudget, Plans
 from autopetseg.preprocessing import preprocess_dataset
-from autopetseg.preprocessing.cropping import CROPPED_FOLDER
+from autopetseg.data.cropping import CROPPED_FOLDER
 
 log = logging.getLogger(__name__)
 

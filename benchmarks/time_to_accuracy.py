@@ -58,7 +58,7 @@ def link_shared_data(shared: Path, run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from autopetseg.demo import DemoSettings, run_demo
-    from autopetseg.evaluation.metrics import f1_score
+    from autopetseg.scoring.metrics import f1_score
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("autopetseg_time_to_accuracy"))

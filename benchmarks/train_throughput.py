@@ -113,7 +113,7 @@ def dataset_cases(dataset_dir: Path, data_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- ours
 def time_ours(dataset_dir: Path, device: torch.device, work: Path, args) -> dict:
     from autopetseg.training.config import TrainerConfig
-    from autopetseg.training.networks import count_parameters
+    from autopetseg.models.networks import count_parameters
     from autopetseg.training.variants import get_trainer_class
 
     plans = Plans.load(dataset_dir / "plans.json")

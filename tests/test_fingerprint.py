@@ -19,7 +19,7 @@ import pytest
 from _image_helpers import Grid, write_volume
 from autopetseg.data.discovery import discover
 from autopetseg.errors import InputError
-from autopetseg.planning.body import BodyMaskSettings, body_bbox, body_mask, body_mask_in_region
+from autopetseg.data.body import BodyMaskSettings, body_bbox, body_mask, body_mask_in_region
 from autopetseg.planning.fingerprint import Fingerprint, extract_fingerprint
 
 BIG_BUDGET = 100_000  # more samples per case than any case has voxels: every voxel is used

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autopetseg.evaluation.clinical import DmaxSettings, clinical_numbers, max_lesion_distance_mm
-from autopetseg.evaluation.metrics import (
+from autopetseg.scoring.clinical import DmaxSettings, clinical_numbers, max_lesion_distance_mm
+from autopetseg.scoring.metrics import (
     aggregate,
     case_metrics,
     detection,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from autopetseg.planning.plans import NetworkTopology
-from autopetseg.training.networks import (
+from autopetseg.models.networks import (
     NETWORKS,
     AttentionUNet,
     AttentionUNetOptions,
@@ -15,8 +15,8 @@ from autopetseg.training.networks import (
     build_network,
     count_parameters,
 )
-from autopetseg.training.networks.resunet import ResidualUNet
-from autopetseg.training.networks.segresnet import stage_block_counts
+from autopetseg.models.networks.resunet import ResidualUNet
+from autopetseg.models.networks.segresnet import stage_block_counts
 
 torch.set_num_threads(1)
 

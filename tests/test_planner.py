@@ -242,7 +242,7 @@ def test_pet_clip_at_a_lesion_percentile():
 
 def test_parameter_count_matches_the_built_network():
     torch = pytest.importorskip("torch")
-    from autopetseg.training.networks import build_network, count_parameters as count_built
+    from autopetseg.models.networks import build_network, count_parameters as count_built
 
     torch.manual_seed(0)
     fp = make_fingerprint([(5.0, 2.0, 2.0)] * 3, [(60, 150, 150)] * 3)

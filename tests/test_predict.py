@@ -23,7 +23,7 @@ from torch import nn
 from autopetseg.cli import main
 from autopetseg.data.discovery import discover
 from autopetseg.data.records import CaseRecord
-from autopetseg.evaluation.metrics import dice
+from autopetseg.scoring.metrics import dice
 from autopetseg.inference.ensemble import ensemble_weights, load_ensemble
 from autopetseg.inference.predictor import PREDICTIONS_CSV, Predictor, PredictorSettings, predict_folder, split_cases
 from autopetseg.io_utils import write_json

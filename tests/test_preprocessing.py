@@ -38,9 +38,9 @@ from autopetseg.preprocessing import (
     preprocess_for_inference,
 )
 from autopetseg.data.loading import load_case
-from autopetseg.planning.body import BodyMaskSettings, body_bbox, body_mask, union_bbox
-from autopetseg.preprocessing import cropping
-from autopetseg.preprocessing.cropping import crop_case, read_cropped, save_cropped
+from autopetseg.data.body import BodyMaskSettings, body_bbox, body_mask, union_bbox
+from autopetseg.data import cropping
+from autopetseg.data.cropping import crop_case, read_cropped, save_cropped
 from autopetseg.preprocessing.foreground import ForegroundSampling, sample_foreground
 from autopetseg.preprocessing.preprocessor import normalize_ct
 

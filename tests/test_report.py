@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from autopetseg.cli import main
 from autopetseg.evaluation.evaluate import evaluate_folder
-from autopetseg.evaluation.metrics import detection, f1_score
+from autopetseg.scoring.metrics import detection, f1_score
 from autopetseg.evaluation.report import (
     PAPER_DMAX_EDGES_MM,
     ReportSettings,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from autopetseg.inference.sliding_window import (
+from autopetseg.models.sliding_window import (
     SlidingWindowStats,
     gaussian_importance_map,
     sliding_window_predict,

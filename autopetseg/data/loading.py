@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from autopetseg.data.imageio import Geometry, read_image
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
-from autopetseg.planning.body import BodyMaskSettings, align_box, coarse_factor
+from autopetseg.data.body import BodyMaskSettings, align_box, coarse_factor
 
 log = logging.getLogger(__name__)
 

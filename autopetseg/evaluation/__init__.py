@@ -1,7 +1,6 @@
-"""Scoring: the autoPET challenge metrics (DSC, FPV, FNV), lesion detection by the SUVmax rule,
-clinical numbers (TMTV, TLG, SUVmax, SUVmean, lesion count, Dmax) and the ``evaluate`` stage.
+"""The ``evaluate`` stage: a prediction folder against a labelled dataset folder.
 
-Modules: ``metrics`` (per-case metrics and their aggregation), ``clinical`` (numbers read from
-a mask and the SUV image), ``evaluate`` (``evaluate_folder``: a prediction folder against a
-labelled dataset folder → ``metrics.csv`` + ``summary.json``). None of them imports torch.
+``evaluate`` (``evaluate_folder`` → ``metrics.csv`` + ``summary.json``), ``report`` (the L1DFL
+paper's lesion-level analysis), ``pictures`` (MIPs of predictions against ground truth). The
+metric functions themselves live in ``autopetseg.scoring``, below training and inference.
 """

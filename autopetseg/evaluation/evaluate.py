@@ -31,8 +31,8 @@ from autopetseg.data.imageio import IMAGE_SUFFIXES, Geometry, read_image, strip_
 from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
-from autopetseg.evaluation.clinical import clinical_numbers
-from autopetseg.evaluation.metrics import aggregate, case_metrics, challenge_voxel_volume_ml, detection
+from autopetseg.scoring.clinical import clinical_numbers
+from autopetseg.scoring.metrics import aggregate, case_metrics, challenge_voxel_volume_ml, detection
 from autopetseg.io_utils import atomic_path, nan_to_none, write_json
 
 log = logging.getLogger(__name__)

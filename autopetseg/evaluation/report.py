@@ -48,7 +48,7 @@ from autopetseg.data.imageio import Geometry, read_image
 from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.evaluation.evaluate import _read_mask, find_predictions
-from autopetseg.evaluation.metrics import (
+from autopetseg.scoring.metrics import (
     bounding_box,
     f1_score,
     label_lesions,

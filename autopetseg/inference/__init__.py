@@ -1,10 +1,7 @@
-"""Inference: sliding-window prediction, fold ensembles, the folder predictor and MIP pictures.
+"""Inference: fold ensembles per stage, the folder predictor and MIP pictures.
 
-Heavy submodules (the predictor, which imports the training package, and the pictures, which
-import matplotlib) are imported on first use of their names.
+Submodules are imported on first use of their names (the pictures import matplotlib).
 """
-
-from autopetseg.inference.sliding_window import SlidingWindowStats, gaussian_importance_map, sliding_window_predict, window_starts
 
 _LAZY = {
     "Predictor": "autopetseg.inference.predictor",
@@ -16,7 +13,6 @@ _LAZY = {
     "ensemble_weights": "autopetseg.inference.ensemble",
     "load_ensemble": "autopetseg.inference.ensemble",
     "render_mip_png": "autopetseg.inference.pictures",
-    "write_evaluation_pictures": "autopetseg.inference.pictures",
 }
 
 
@@ -28,4 +24,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'autopetseg.inference' has no attribute {name!r}")
 
 
-__all__ = ["SlidingWindowStats", "gaussian_importance_map", "sliding_window_predict", "window_starts", *_LAZY]
+__all__ = list(_LAZY)

@@ -46,9 +46,9 @@ from autopetseg.data.imageio import Geometry, write_image
 from autopetseg.data.loading import LoadedCase, load_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
-from autopetseg.evaluation.clinical import clinical_numbers
+from autopetseg.scoring.clinical import clinical_numbers
 from autopetseg.inference.ensemble import EnsembleModel, load_ensemble
-from autopetseg.inference.sliding_window import EMPTY_PET_MAX, SlidingWindowStats, sliding_window_predict
+from autopetseg.models.sliding_window import EMPTY_PET_MAX, SlidingWindowStats, sliding_window_predict
 from autopetseg.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -390,12 +390,12 @@ class Predictor:
 
 def _write_picture(output_dir: Path, case_id: str, pet: np.ndarray, geometry: Geometry, mask: np.ndarray,
                    record: CaseRecord | None, numbers: dict | None) -> None:
-    from autopetseg.evaluation.metrics import dice
-    from autopetseg.inference.pictures import _read_mask_on, prediction_title, render_mip_png
+    from autopetseg.scoring.metrics import dice
+    from autopetseg.inference.pictures import read_mask_on, prediction_title, render_mip_png
 
     label = None
     if record is not None and record.label is not None:
-        label = _read_mask_on(record.label, geometry, case_id, "label")
+        label = read_mask_on(record.label, geometry, case_id, "label")
     dsc = dice(label, mask) if label is not None and label.any() else None
     render_mip_png(output_dir / PNG_FOLDER / f"{case_id}.png", pet, geometry, label, mask,
                    prediction_title(case_id, numbers, dsc))
@@ -406,7 +406,7 @@ def _picture_from_files(output_dir: Path, record: CaseRecord) -> None:
     import SimpleITK as sitk
 
     from autopetseg.data.imageio import read_image
-    from autopetseg.inference.pictures import _read_mask_on
+    from autopetseg.inference.pictures import read_mask_on
 
     try:
         pet_image = read_image(record.pet, record.case_id, "PET") if record.pet is not None else None
@@ -416,7 +416,7 @@ def _picture_from_files(output_dir: Path, record: CaseRecord) -> None:
     if pet_image is None:
         return
     geometry = Geometry.of(pet_image)
-    mask = _read_mask_on(output_dir / f"{record.case_id}{MASK_SUFFIX}", geometry, record.case_id, "prediction")
+    mask = read_mask_on(output_dir / f"{record.case_id}{MASK_SUFFIX}", geometry, record.case_id, "prediction")
     if mask is None:
         return
     pet = sitk.GetArrayFromImage(pet_image).astype(np.float32, copy=False)

@@ -41,9 +41,9 @@ from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord, Dataset
 from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json, write_json
-from autopetseg.planning.body import BodyMaskSettings, bbox_shape, bbox_slices, body_bbox
+from autopetseg.data.body import BodyMaskSettings, bbox_shape, bbox_slices, body_bbox
 from autopetseg.planning.plans import CHANNELS
-from autopetseg.preprocessing.cropping import CroppedCase, load_cropped_case, read_cropped, save_cropped
+from autopetseg.data.cropping import CroppedCase, load_cropped_case, read_cropped, save_cropped
 
 logger = logging.getLogger(__name__)
 

@@ -296,7 +296,7 @@ class ConvLayer:
 
 def residual_unet_layers(topology: NetworkTopology, in_channels: int = IN_CHANNELS,
                          out_channels: int = OUT_CHANNELS) -> list[ConvLayer]:
-    """Every convolution of ``autopetseg.training.networks.ResidualUNet`` for ``topology`` (the
+    """Every convolution of ``autopetseg.models.networks.ResidualUNet`` for ``topology`` (the
     layout of that module's docstring, MONAI's ``UNet``): encoder block k maps stage k to k + 1
     with features[k], the bottleneck stays at the last stage, decoder block k goes back from
     k + 1 to k with a transposed convolution and a one-subunit residual unit. The cost models

@@ -33,9 +33,9 @@ from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord, Dataset
 from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json, save_npy, write_json
-from autopetseg.planning.body import BodyMaskSettings
+from autopetseg.data.body import BodyMaskSettings
 from autopetseg.planning.plans import ConfigurationPlan, NormalizationPlan, Plans
-from autopetseg.preprocessing.cropping import CroppedCase, crop_case, load_cropped_case, read_cropped
+from autopetseg.data.cropping import CroppedCase, crop_case, load_cropped_case, read_cropped
 from autopetseg.preprocessing.foreground import ForegroundSampling, case_rng, sample_foreground
 from autopetseg.preprocessing.resampling import (
     LabelResampling,

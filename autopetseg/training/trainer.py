@@ -60,8 +60,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autopetseg.evaluation.metrics import aggregate, case_metrics
-from autopetseg.inference.sliding_window import sliding_window_predict
+from autopetseg.scoring.metrics import aggregate, case_metrics
+from autopetseg.models.sliding_window import sliding_window_predict
 from autopetseg.io_utils import atomic_path, nan_to_none, write_json
 from autopetseg.planning.plans import ConfigurationPlan, Plans
 from autopetseg.training.config import TrainerConfig
@@ -190,7 +190,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ hooks
     def build_network(self) -> nn.Module:
-        from autopetseg.training.networks import build_network
+        from autopetseg.models.networks import build_network
 
         return build_network(self.config.network, self.configuration.network, self.in_channels, self.num_classes)
 

@@ -28,7 +28,7 @@ from autopetseg.data.imageio import Geometry
 from autopetseg.data.loading import BODY_HU, LoadedCase, box_geometry, load_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.io_utils import read_json, save_npy, write_json
-from autopetseg.planning.body import BodyMaskSettings, body_bbox, body_mask_in_region, union_bbox
+from autopetseg.data.body import BodyMaskSettings, body_bbox, body_mask_in_region, union_bbox
 
 log = logging.getLogger(__name__)
 

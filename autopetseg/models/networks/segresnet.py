@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autopetseg.planning.plans import NetworkTopology
-from autopetseg.training.networks.attention_unet import check_input_size, topology_lists, total_stride
+from autopetseg.models.networks.attention_unet import check_input_size, topology_lists, total_stride
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _INTERP = {2: "bilinear", 3: "trilinear"}

@@ -9,9 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from autopetseg.planning.plans import NetworkTopology
-from autopetseg.training.networks.attention_unet import AttentionUNet, AttentionUNetOptions
-from autopetseg.training.networks.resunet import ResidualUNet, ResidualUNetOptions
-from autopetseg.training.networks.segresnet import SegResNet, SegResNetOptions
+from autopetseg.models.networks.attention_unet import AttentionUNet, AttentionUNetOptions
+from autopetseg.models.networks.resunet import ResidualUNet, ResidualUNetOptions
+from autopetseg.models.networks.segresnet import SegResNet, SegResNetOptions
 
 # Explicit name -> class registry.
 NETWORKS: dict[str, type[nn.Module]] = {

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
-from autopetseg.evaluation.metrics import bounding_box, label_lesions
+from autopetseg.scoring.metrics import bounding_box, label_lesions
 
 
 @dataclass(frozen=True)
