@@ -67,12 +67,16 @@ def cmd_plan_and_preprocess(args) -> int:
 def cmd_train(args) -> int:
     from autopetseg.training.run import run_training
 
-    fold = args.fold if args.fold == "all" else int(args.fold)
+    from autopetseg.models.folders import parse_fold
+
+    fold = parse_fold(args.fold)
     fold_dir = run_training(
         args.dataset,
         fold,
-        trainer=args.trainer,
+        method=args.trainer,
         configuration=args.configuration,
+        stage=args.stage,
+        stage_inputs=args.stage_inputs,
         preprocessed_root=args.preprocessed,
         results_root=args.results,
         device=args.device,
@@ -191,11 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocessed", help="preprocessed root (default $AUTOPETSEG_PREPROCESSED)")
     p.set_defaults(func=cmd_plan_and_preprocess)
 
-    p = sub.add_parser("train", help="train one fold (or 'all') of a trainer variant")
+    p = sub.add_parser("train", help="train one fold (or 'all') of a method, its stages in order")
     p.add_argument("dataset", help="Dataset###_Name, id, or path of the preprocessed dataset folder")
     p.add_argument("fold", help="0-4 or 'all'")
-    p.add_argument("-tr", "--trainer", default="gdfl")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-tr", "--trainer", "--method", dest="trainer", default="gdfl",
+                   help="method (one or several stages): gdfl, l1dfl, dice, dicefocal")
+    p.add_argument("-c", "--configuration", help="configuration of a one-stage method (default: the method's, 3d_fullres)")
+    p.add_argument("--stage", default="all", help="train only this stage of the method (default: all, in order)")
+    p.add_argument("--stage-inputs", choices=("in_fold", "out_of_fold"), default="in_fold",
+                   help="which fold's earlier stage makes a later stage's inputs: the same fold (default, as the "
+                        "cascade papers) or the fold that validated each case (nnU-Net's cascade)")
     p.add_argument("--network", help="network architecture (default: the trainer's), e.g. resunet, attention_unet, segresnet")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--output-prior", type=float, metavar="P",

@@ -70,7 +70,7 @@ def run_demo(work_dir: str | Path = "autopetseg_demo", settings: DemoSettings | 
     from autopetseg.inference.predictor import PredictorSettings, predict_folder
     from autopetseg.pipeline import plan_and_preprocess
     from autopetseg.training.run import model_dir as trained_model_dir
-    from autopetseg.training.run import run_training
+    from autopetseg.training.run import resolve_method, run_training
 
     s = settings or DemoSettings()
     work = Path(work_dir)
@@ -98,9 +98,9 @@ def run_demo(work_dir: str | Path = "autopetseg_demo", settings: DemoSettings | 
         stage(f"train fold {fold}", lambda fold=fold: run_training(
             DATASET, fold, s.trainer, preprocessed_root=prep, results_root=results, device=s.device,
             epochs=s.epochs, iterations_per_epoch=s.iterations_per_epoch, continue_training=_has_checkpoint(
-                trained_model_dir(results, DATASET, s.trainer, "3d_fullres") / f"fold_{fold}"),
+                trained_model_dir(results, DATASET, resolve_method(s.trainer)) / f"fold_{fold}"),
             seed=s.seed, **s.resolved_training_overrides()))
-    model = trained_model_dir(results, DATASET, s.trainer, "3d_fullres")
+    model = trained_model_dir(results, DATASET, resolve_method(s.trainer))
     stage("predict", lambda: predict_folder(test_dir, pred_dir, model, PredictorSettings(
         folds=list(s.folds), ensemble=s.ensemble, device=s.device, png=True)))
     _, summary = stage("evaluate", lambda: evaluate_folder(pred_dir, test_dir, eval_dir))

@@ -65,6 +65,11 @@ def write_tiny_cache(root: Path, n_cases: int = 10, n_lesion_free: int = 3, seed
             data_dir / f"{case_id}.json",
             {
                 "case_id": case_id,
+                # The case as if its PET were this very grid (no crop, no resampling).
+                "geometry": {"shape_zyx": list(shape), "spacing_zyx": list(SPACING_ZYX), "origin_xyz": [0.0, 0.0, 0.0],
+                             "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]},
+                "bbox_zyx": [[0, s] for s in shape],
+                "shape_after_crop_zyx": list(shape),
                 "spacing_zyx": list(SPACING_ZYX),
                 "shape_after_resample_zyx": list(shape),
                 "n_lesion_voxels": int(seg.sum()),

@@ -25,7 +25,6 @@ from autopetseg.planning.planner import (
     count_parameters,
     plan_experiment,
     plan_topology,
-    total_stride,
 )
 from autopetseg.planning.plans import ComputeBudget, Plans
 from autopetseg.preprocessing.preprocessor import normalize_ct
@@ -68,7 +67,7 @@ def cpu(seconds: float = 1.0) -> ComputeBudget:
 
 def check_consistent(conf, cap_zyx=None):
     """Every configuration: patch divisible by the network's total stride, within the median shape."""
-    assert all(p % t == 0 for p, t in zip(conf.patch_size, total_stride(conf.network)))
+    assert all(p % t == 0 for p, t in zip(conf.patch_size, conf.network.total_stride))
     assert conf.network.n_stages >= 2 and conf.batch_size >= 1
     if cap_zyx is not None:
         assert all(p <= c for p, c in zip(conf.patch_size, cap_zyx))

@@ -8,6 +8,7 @@ test (marked slow) trains a tiny model on the synthetic cache and checks it find
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -27,9 +28,10 @@ from autopetseg.scoring.metrics import dice
 from autopetseg.inference.ensemble import ensemble_weights, load_ensemble
 from autopetseg.inference.predictor import PREDICTIONS_CSV, Predictor, PredictorSettings, predict_folder, split_cases
 from autopetseg.io_utils import write_json
-from autopetseg.training import variants
-from autopetseg.training.config import TrainerConfig
-from autopetseg.training.trainer import Trainer
+from autopetseg.models.checkpoints import save_checkpoint
+from autopetseg.models.folders import FoldRecord, NetworkSpec, model_dir_name, plans_hash, write_method
+from autopetseg.models.methods import OutputSpec, StrategySpec, one_stage
+from autopetseg.models.networks import NETWORKS
 
 # ----------------------------------------------------------------------------- constant folds
 
@@ -38,7 +40,7 @@ class ConstantNet(nn.Module):
     """In the body (PET > 0.5 SUV) logits (log p0, log p1), so softmax gives back (p0, p1); outside
     it a sure background. The lesion probability ``p`` comes from the checkpoint."""
 
-    def __init__(self):
+    def __init__(self, topology=None, in_channels=2, out_channels=2):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(2))
 
@@ -48,43 +50,34 @@ class ConstantNet(nn.Module):
         return inside * self.logits.view(1, 2, 1, 1, 1) + (1 - inside) * outside
 
 
-class ConstantTrainer(Trainer):
-    name = "constant_test"
-
-    def build_network(self):
-        return ConstantNet()
-
-
-class LowThresholdTrainer(ConstantTrainer):
-    """A variant whose ``output_to_mask`` hook thresholds the lesion probability at 0.4."""
-
-    name = "low_threshold_test"
-
-    def output_to_mask(self, probabilities):
-        return (probabilities[1] > 0.4).to(torch.uint8).numpy()
-
-
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(variants.TRAINERS, ConstantTrainer.name, ConstantTrainer)
-    monkeypatch.setitem(variants.TRAINERS, LowThresholdTrainer.name, LowThresholdTrainer)
+    monkeypatch.setitem(NETWORKS, "constant_test", ConstantNet)
 
 
 def write_constant_model(root: Path, lesion_probabilities: dict[int, float], dscs: dict[int, float | None],
-                         trainer: str = ConstantTrainer.name) -> Path:
+                         threshold: float = 0.5) -> Path:
     """A model folder whose fold k predicts lesion probability ``lesion_probabilities[k]`` everywhere."""
-    model_dir = root / f"{trainer}__3d_fullres"
-    tiny_plans(patch=(8, 8, 8)).save(model_dir / "plans.json")
-    config = TrainerConfig(patch_size=[8, 8, 8])
+    method = one_stage("constant_test")
+    model_dir = root / model_dir_name(method)
+    plans = tiny_plans(patch=(8, 8, 8))
+    plans.save(model_dir / "plans.json")
+    write_method(model_dir, method)
+    raw_plans = json.loads((model_dir / "plans.json").read_text())
     for fold, p in lesion_probabilities.items():
         net = ConstantNet()
         with torch.no_grad():
             net.logits.copy_(torch.tensor([math.log(1 - p), math.log(p)]))
         fold_dir = model_dir / f"fold_{fold}"
         fold_dir.mkdir(parents=True)
-        state = {"trainer": trainer, "configuration": "3d_fullres", "network": net.state_dict(),
-                 "config": config.to_dict(), "patch_size": [8, 8, 8], "epoch": 0}
-        torch.save(state, fold_dir / "checkpoint_best.pt")
+        FoldRecord(
+            method=method.name, stage="segmenter", trainer="constant_test", fold=fold, configuration="3d_fullres",
+            plans=raw_plans, plans_sha256=plans_hash(raw_plans),
+            network=NetworkSpec("constant_test", plans.configuration("3d_fullres").network),
+            output=OutputSpec(threshold=threshold), strategy=StrategySpec("sliding_window"), patch_size=[8, 8, 8],
+            preprocessing=None,
+        ).save(fold_dir)
+        save_checkpoint(fold_dir / "checkpoint_best.pt", {"network": net.state_dict(), "epoch": 0})
         if dscs.get(fold) is not None:
             write_json(fold_dir / "validation.json", {"mean_dsc": dscs[fold]})
     return model_dir
@@ -151,13 +144,13 @@ def test_mean_and_dice_weighted_ensembles_on_known_folds(tmp_path, registered):
         np.testing.assert_array_equal(mask > 0, body if p > 0.5 else np.zeros_like(body))
     # one fold only: the ensemble is that fold
     single = Predictor(model, PredictorSettings(folds=[1], device="cpu"))
-    assert [f.fold for f in single.model.folds] == [1] and single.model.weights == [1.0]
+    assert single.model.folds == [1] and single.model.weights == [1.0]
 
 
-def test_a_variant_output_to_mask_hook_is_used(tmp_path, registered):
-    model = write_constant_model(tmp_path / "model", {0: 0.7, 1: 0.2}, {}, trainer=LowThresholdTrainer.name)
+def test_the_recorded_threshold_is_used(tmp_path, registered):
+    model = write_constant_model(tmp_path / "model", {0: 0.7, 1: 0.2}, {}, threshold=0.4)
     ensemble = load_ensemble(model, device="cpu")
-    assert type(ensemble.trainer) is LowThresholdTrainer
+    assert ensemble.last.record.output.threshold == 0.4
     cases = tmp_path / "cases"
     paths = write_flat_case(cases, "c1", seg_ext=None)
     predict_folder(cases, tmp_path / "out", model, PredictorSettings(device="cpu"))  # mean 0.45 > 0.4
@@ -170,7 +163,7 @@ def test_missing_checkpoint_or_model_folder_is_an_input_error(tmp_path, register
 
     with pytest.raises(InputError, match="checkpoint"):
         load_ensemble(model, folds=[3], device="cpu")
-    with pytest.raises(InputError, match="plans.json"):
+    with pytest.raises(InputError, match="not a model folder"):
         load_ensemble(tmp_path, device="cpu")
     with pytest.raises(InputError, match="checkpoint"):
         load_ensemble(model, checkpoint="final", device="cpu")
@@ -323,13 +316,13 @@ def test_trained_model_finds_the_lesions(tmp_path):
         assert float(rows[case]["suvmax"]) > 5.0
         assert (out / "png" / f"{case}.png").stat().st_size > 2000
 
-    # The shortcut (only the lesion channel mapped back, threshold 0.5) equals the argmax hook.
+    # The lesion channel mapped back and thresholded at 0.5 is the argmax of both channels mapped back.
+    from autopetseg.preprocessing.preprocessor import invert_probabilities
+
     predictor = Predictor(fold_dir.parent, PredictorSettings(device="cpu"))
-    assert predictor.threshold_lesion_channel
-    case, data, properties = predictor.load(discover(cases).by_id()["turned"])
+    case, [(data, properties)] = predictor.load(discover(cases).by_id()["turned"])
     probabilities = predictor.predict_array(data).numpy()
-    fast, _ = predictor.to_original(probabilities, properties)
-    predictor.threshold_lesion_channel = False
-    slow, _ = predictor.to_original(probabilities, properties)
+    fast, _ = predictor.to_original(probabilities[1], properties, 0.5)
+    slow = invert_probabilities(probabilities, properties, fill=(1.0, 0.0)).argmax(0) > 0
     assert fast.any()
-    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(fast > 0, slow)

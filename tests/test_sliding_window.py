@@ -123,3 +123,23 @@ def test_all_air_volume_is_background_without_running_windows_on_it():
     probs = sliding_window_predict(net, torch.zeros((2, 20, 20, 20)), (16, 16, 16), skip_empty=True)
     assert torch.all(probs[0] == 1.0) and torch.all(probs[1] == 0.0)
     assert net.windows_seen <= 1  # at most the one probe that learns the number of classes
+
+
+def test_fill_sets_the_probabilities_where_no_window_ran():
+    image = torch.zeros((2, 32, 16, 16))
+    image[:, :8] = _random_image((8, 16, 16), seed=4) + 0.5
+    net = PointwiseNet()
+    probs = sliding_window_predict(net, image, (16, 16, 16), overlap=0.5, fill=[0.25, 0.75])
+    assert torch.all(probs[0, 24:] == 0.25) and torch.all(probs[1, 24:] == 0.75)
+    torch.testing.assert_close(probs[:, :8], net.direct(image)[:, :8], atol=1e-5, rtol=1e-5)
+    # everything skipped: the fill tells the number of channels, no probe forward
+    net = PointwiseNet()
+    probs = sliding_window_predict(net, torch.zeros((2, 20, 20, 20)), (16, 16, 16), fill=[1.0, 0.0])
+    assert net.windows_seen == 0 and probs.shape == (2, 20, 20, 20) and torch.all(probs[0] == 1.0)
+    with pytest.raises(ValueError, match="fill"):
+        sliding_window_predict(PointwiseNet(), image, (16, 16, 16), fill=[0.0])
+
+
+def test_unknown_activation_is_an_error():
+    with pytest.raises(ValueError, match="activation"):
+        sliding_window_predict(PointwiseNet(), _random_image((16, 16, 16)), (16, 16, 16), activation="softmx")

@@ -120,7 +120,7 @@ def test_results_folder_best_checkpoint_and_validation_json(trained, cache):
 
     best, final = _load(trained / CHECKPOINT_BEST), _load(trained / CHECKPOINT_FINAL)
     assert best["epoch"] == best_epoch and best["best_epoch"] == best_epoch
-    assert best["best_dsc"] == pytest.approx(max(dscs))
+    assert best["best_score"] == pytest.approx(max(dscs))
     assert final["epoch"] == 7 and _load(trained / CHECKPOINT_LATEST)["epoch"] == 7
 
     validation = json.loads((trained / "validation.json").read_text())
@@ -157,7 +157,7 @@ def test_best_checkpoint_follows_mean_dsc_and_keeps_earlier_ties(cache, tmp_path
         assert _load(fold / CHECKPOINT_BEST)["epoch"] == expected_best
         assert json.loads((fold / "validation.json").read_text())["epoch"] == expected_best
         assert _load(fold / CHECKPOINT_LATEST)["epoch"] == epoch
-    assert trainer.best_epoch == 4 and trainer.best_dsc == pytest.approx(0.7)
+    assert trainer.best_epoch == 4 and trainer.best_score == pytest.approx(0.7)
 
     # No lesion-positive validation case: DSC undefined in every epoch, the latest epoch is kept.
     other = prepare_trainer(cache / DATASET, 0, "gdfl", preprocessed_root=cache, results_root=tmp_path / "nan",

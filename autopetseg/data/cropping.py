@@ -28,7 +28,7 @@ from autopetseg.data.imageio import Geometry
 from autopetseg.data.loading import BODY_HU, LoadedCase, box_geometry, load_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.io_utils import read_json, save_npy, write_json
-from autopetseg.data.body import BodyMaskSettings, body_bbox, body_mask_in_region, union_bbox
+from autopetseg.data.body import BodyMaskSettings, bbox_slices, body_bbox, body_mask_in_region, union_bbox
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ class CroppedCase:
     @property
     def body_voxels(self) -> int:
         return int(np.count_nonzero(self.body))
-
-
-def _slices(box) -> tuple[slice, ...]:
-    return tuple(slice(int(lo), int(hi)) for lo, hi in box)
 
 
 def _body_region(case: LoadedCase, settings: BodyMaskSettings) -> tuple[np.ndarray, list[list[int]]]:
@@ -99,7 +95,7 @@ def crop_case(case: LoadedCase, settings: BodyMaskSettings = BodyMaskSettings())
     body[tuple(slice(c[0] - b[0], c[1] - b[0]) for c, b in zip(common, box))] = mask[
         tuple(slice(c[0] - r[0], c[1] - r[0]) for c, r in zip(common, region))
     ]
-    crop = _slices(box)
+    crop = bbox_slices(box)
     return CroppedCase(
         case_id=case.case_id,
         geometry=case.geometry,

@@ -41,10 +41,11 @@ import SimpleITK as sitk
 from autopetseg.data.imageio import IMAGE_SUFFIXES
 from autopetseg.data.records import CaseRecord, Dataset
 from autopetseg.errors import InputError
+from autopetseg.options import OPTIONS
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("nnunet", "autopet", "flat")
+LAYOUTS = OPTIONS["layout"]  # "nnunet", "autopet", "flat": the order detect_layout tries them
 ACCEPTED_LAYOUTS = (
     "nnU-Net raw (imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json), "
     "autoPET (<case>[/<study>]/SUV.nii.gz + CTres.nii.gz or CT.nii.gz [+ SEG.nii.gz]), "

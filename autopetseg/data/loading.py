@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from autopetseg.data.imageio import Geometry, read_image
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
-from autopetseg.data.body import BodyMaskSettings, align_box, coarse_factor
+from autopetseg.data.body import BodyMaskSettings, align_box, bbox_slices, coarse_factor
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ def box_geometry(geometry: Geometry, box_zyx) -> Geometry:
         origin_xyz=tuple(float(o) for o in origin),
         direction=geometry.direction,
     )
-
-
-def _slices(box) -> tuple[slice, ...]:
-    return tuple(slice(int(lo), int(hi)) for lo, hi in box)
 
 
 def _box_inside(inner, outer) -> bool:
@@ -129,7 +125,7 @@ class LoadedCase:
         target = box_geometry(self.geometry, box)
         source = Geometry.of(self.ct_source) if self.ct_source is not None else None
         if source is None or source.same_grid(self.geometry):
-            return np.asarray(self.ct_source_array[_slices(box)], dtype=np.float32)
+            return np.asarray(self.ct_source_array[bbox_slices(box)], dtype=np.float32)
         return sitk.GetArrayFromImage(resample_ct(self.ct_source, target))
 
     def stacked(self) -> np.ndarray:
@@ -609,7 +605,7 @@ def load_case(record: CaseRecord, with_label: bool = True) -> LoadedCase:
         loaded.tissue_box = box
         ct_region = loaded.ct_in(box, keep=True)
         body = ct_region > BODY_HU
-        body_pet = pet[_slices(box)][body]
+        body_pet = pet[bbox_slices(box)][body]
     else:
         body_pet = np.empty(0, dtype=np.float32)
     if body_pet.size == 0:

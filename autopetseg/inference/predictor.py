@@ -1,35 +1,36 @@
-"""``autopetseg predict``: lesion masks for a folder of PET/CT cases from an ensemble of folds.
+"""``autopetseg predict``: lesion masks for a folder of PET/CT cases from a model folder's fold ensembles.
 
 Per case:
 
 1. load and check the case (any accepted layout, no label needed), preprocess it in memory
-   exactly as training did (body crop, normalisation, resampling to the plans' spacing);
-2. sliding-window prediction (``sliding_window.py``): Gaussian weighting, overlap 0.5, windows
-   batched, every fold (and every mirrored copy with TTA) run on each batch while it is on the
-   device, the folds' probabilities averaged with the ensemble weights (``ensemble.py``),
-   accumulators on the device, autocast on GPU; windows in air are not run, and with
-   ``min_suv`` neither are windows whose PET never exceeds that SUV;
-3. the class probabilities mapped back onto the original PET grid (linear), then the trainer's
-   ``output_to_mask`` hook; with the base hook (argmax) and two softmax classes, which is exactly
-   "lesion probability > 0.5", only the lesion channel is mapped back and thresholded;
+   exactly as each stage's training cache was made (plans, configuration and preprocessing
+   settings from the fold records: body crop, normalisation, resampling);
+2. each stage in order, by its inference strategy (``models/strategies.py``: 3D sliding windows,
+   2D slices, or the whole image on a fixed grid): every fold (and every mirrored copy with TTA)
+   run on each batch while it is on the device, the folds' probabilities averaged with the
+   ensemble weights (``ensemble.py``), autocast on GPU; windows in air are not run, and with
+   ``min_suv`` neither are windows whose PET never exceeds that SUV. A stage that takes earlier
+   stages' outputs gets their lesion probability, mapped onto its grid, as extra channels;
+3. the method's combine rule (``combine.py``) makes one lesion probability on the last stage's
+   grid (and any patient-level numbers), which is mapped back onto the original PET grid
+   (linear) and thresholded at the stage's recorded threshold;
 4. ``<case>.nii.gz`` (uint8, exactly the PET image's shape, spacing, origin and direction),
    optionally ``probabilities/<case>.nii.gz`` (float32 lesion probability) and
    ``png/<case>.png`` (coronal MIP with contours), then the case's row of ``predictions.csv``
-   (TMTV, TLG, SUVmax, SUVmean, lesion count, Dmax), all written atomically.
+   (TMTV, TLG, SUVmax, SUVmean, lesion count, Dmax, then method-specific columns), all written
+   atomically.
 
 A case is finished when its mask exists and ``predictions.csv`` has its row; a re-run skips it
 (unless ``overwrite``). A bad case (``InputError``) is reported and the others finish.
 ``num_parts``/``part_id`` split the sorted case list as ``cases[part_id::num_parts]``; parts
 sharing an output folder update ``predictions.csv`` under a file lock.
-
-Why probabilities are inverted before thresholding: thresholding on the cache grid and
-resampling the mask with nearest neighbour gives blocky masks when the cache grid is coarser.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import time
@@ -46,10 +47,19 @@ from autopetseg.data.imageio import Geometry, write_image
 from autopetseg.data.loading import LoadedCase, load_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
-from autopetseg.scoring.clinical import clinical_numbers
-from autopetseg.inference.ensemble import EnsembleModel, load_ensemble
-from autopetseg.models.sliding_window import EMPTY_PET_MAX, SlidingWindowStats, sliding_window_predict
+from autopetseg.inference.combine import StageOutput, get_combiner
+from autopetseg.inference.ensemble import StageEnsemble, load_ensemble
 from autopetseg.io_utils import atomic_path
+from autopetseg.models.runtime import amp_dtype, resolve_device
+from autopetseg.models.sliding_window import EMPTY_PET_MAX, SlidingWindowStats
+from autopetseg.models.trained import ensemble_probabilities
+from autopetseg.preprocessing.preprocessor import (
+    PreprocessingSettings,
+    invert_to_original,
+    map_between_caches,
+    preprocess_loaded_case,
+)
+from autopetseg.scoring.clinical import clinical_numbers
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +184,12 @@ def update_prediction_csv(path: str | Path, row: dict) -> None:
     path = Path(path)
     with _locked(path.with_name(f".{path.name}.lock")):
         rows = read_prediction_rows(path)
-        rows[row["case_id"]] = {k: _csv_value(row[k]) for k in PREDICTION_COLUMNS}
+        rows[row["case_id"]] = {k: _csv_value(v) for k, v in row.items()}
+        # The clinical numbers first, then any method-specific columns (e.g. a prognosis probability).
+        extra = sorted({k for r in rows.values() for k in r} - set(PREDICTION_COLUMNS))
         with atomic_path(path, ".csv") as tmp:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+                writer = csv.DictWriter(f, fieldnames=[*PREDICTION_COLUMNS, *extra], extrasaction="ignore")
                 writer.writeheader()
                 for case_id in sorted(rows):
                     writer.writerow(rows[case_id])
@@ -186,52 +198,28 @@ def update_prediction_csv(path: str | Path, row: dict) -> None:
 # ----------------------------------------------------------------------------- the predictor
 
 
-def _preprocess(case: LoadedCase, record: CaseRecord, model: EnsembleModel) -> tuple[np.ndarray, dict]:
-    """The cache array and properties of a loaded case (what ``preprocess_for_inference`` gives,
-    without reading the PET a second time: the predictor needs the SUV for the clinical numbers)."""
-    from autopetseg.preprocessing.preprocessor import DEFAULT_SETTINGS, _preprocess_loaded
-
-    conf = model.plans.configuration(model.configuration)
-    data, _, properties = _preprocess_loaded(case, model.plans, conf, DEFAULT_SETTINGS)
-    properties.update(cohort=record.cohort, patient=record.patient)
-    return data, properties
-
-
-def lesion_probability(probabilities: np.ndarray) -> np.ndarray:
-    """Probability of "any lesion class": 1 - background for several classes, the channel for one."""
-    if probabilities.shape[0] == 1:
-        return probabilities[0].astype(np.float32, copy=False)
-    return np.clip(1.0 - probabilities[0], 0.0, 1.0).astype(np.float32, copy=False)
+def _extra_columns(extras: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in extras.items()}
 
 
 class Predictor:
-    """An ensemble of folds ready to predict cases (``predict_case``) or folders (``predict_folder``)."""
+    """A model folder's stage ensembles, ready to predict cases (``predict_case``) or folders (``predict_folder``)."""
 
     def __init__(self, model_dir: str | Path, settings: PredictorSettings | None = None):
-        from autopetseg.training.run import resolve_device
-
         self.settings = settings or PredictorSettings()
         self.settings.validate()
         self.device = resolve_device(self.settings.device)
+        self.amp_dtype = amp_dtype(self.device, self.settings.amp)
         self.model = load_ensemble(
             model_dir, self.settings.folds, self.settings.checkpoint, self.settings.ensemble, self.device
         )
-        # The base hook (argmax) on two softmax classes is "lesion probability > 0.5": then only the
-        # lesion channel is mapped back to the PET grid, half the resampling and no argmax.
-        from autopetseg.training.trainer import Trainer
-
-        self.threshold_lesion_channel = (
-            type(self.model.trainer).output_to_mask is Trainer.output_to_mask and self.model.activation == "softmax"
-        )
-        self.mirror_axes: tuple[int, ...] = ()
-        if self.settings.tta:
-            self.mirror_axes = self.model.trained_mirror_axes
-            if not self.mirror_axes:
-                log.warning("TTA asked for, but the model was trained without mirroring: predicting without it")
+        self.combine = get_combiner(self.model.method.combine)
+        if self.settings.tta and not any(s.record.mirror_axes for s in self.model.stages):
+            log.warning("TTA asked for, but the model was trained without mirroring: predicting without it")
 
     # -------------------------------------------------------------- arrays
     def _skip_bounds(self) -> dict:
-        """Keyword arguments of ``sliding_window_predict`` that choose the windows to skip."""
+        """Keyword arguments of the strategies that choose the windows or slices to skip."""
         if self.settings.min_suv is None:
             return {"skip_empty": self.settings.skip_empty}
         # A window is skipped when its PET max <= the bound, whatever its CT (inf): this includes
@@ -239,63 +227,73 @@ class Predictor:
         bound = max(float(self.settings.min_suv), EMPTY_PET_MAX)
         return {"skip_empty": True, "empty_pet_max": bound, "empty_ct_max": math.inf}
 
-    def predict_array(self, data: np.ndarray | torch.Tensor, stats: SlidingWindowStats | None = None) -> torch.Tensor:
-        """Ensemble class probabilities (n_classes, z, y, x) float32 on the CPU for a preprocessed volume."""
-        image = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)) if isinstance(data, np.ndarray) else data
-        return sliding_window_predict(
-            self.model.networks,
-            image,
-            self.model.patch_size,
-            batch_size=self.settings.batch_size,
-            overlap=self.settings.overlap,
-            mirror_axes=self.mirror_axes or None,
-            device=self.device,
-            amp=self.settings.amp,
-            network_weights=self.model.weights,
-            activation=self.model.activation,
-            channels_last_3d=self.model.trainer.config.channels_last_3d,
-            stats=stats,
-            **self._skip_bounds(),
+    def predict_stage(self, stage: StageEnsemble, image: np.ndarray | torch.Tensor,
+                      stats: SlidingWindowStats | None = None) -> dict[str, torch.Tensor]:
+        """Named outputs (``probabilities`` (channels, z, y, x) float32 on the CPU, patient-level heads)
+        of one stage's fold ensemble over a preprocessed volume."""
+        return ensemble_probabilities(
+            stage.folds, image, stage.weights, device=self.device, amp_dtype=self.amp_dtype,
+            mirror=self.settings.tta, batch_size=self.settings.batch_size, overlap=self.settings.overlap,
+            stats=stats, **self._skip_bounds(),
         )
 
-    def probabilities_to_mask(self, probabilities: np.ndarray) -> np.ndarray:
-        """The trainer's ``output_to_mask`` hook on probabilities (n_classes, z, y, x) → uint8 mask."""
-        mask = self.model.trainer.output_to_mask(torch.from_numpy(np.ascontiguousarray(probabilities)))
-        mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        return (mask > 0).astype(np.uint8)
+    def predict_array(self, data: np.ndarray | torch.Tensor, stats: SlidingWindowStats | None = None) -> torch.Tensor:
+        """Class probabilities of a one-stage model for a preprocessed volume (tests, benchmarks)."""
+        return self.predict_stage(self.model.last, data, stats)["probabilities"]
 
-    def to_original(self, probabilities: np.ndarray, properties: dict) -> tuple[np.ndarray, np.ndarray | None]:
-        """(mask uint8, lesion probability float32 or None) on the PET grid from cache-grid probabilities."""
-        from autopetseg.preprocessing.preprocessor import invert_probabilities, invert_to_original
-
-        if self.threshold_lesion_channel and probabilities.shape[0] == 2:
-            # Linear interpolation keeps p0 + p1 = 1, so argmax > 0 is exactly p1 > 0.5 on the PET grid.
-            lesion = invert_to_original(probabilities[1], properties, "linear", fill=0.0)
-            mask = (lesion > 0.5).astype(np.uint8)
-            return mask, lesion if self.settings.save_probabilities else None
-        fill = np.zeros(probabilities.shape[0], dtype=np.float32)
-        fill[0] = 1.0  # outside the body box: background, as for windows that were not run
-        original = invert_probabilities(probabilities, properties, fill=fill)
-        mask = self.probabilities_to_mask(original)
-        return mask, lesion_probability(original) if self.settings.save_probabilities else None
+    def to_original(self, lesion: np.ndarray, properties: dict, threshold: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mask uint8, lesion probability float32 or None) on the PET grid from the cache-grid lesion
+        probability. Inverted linearly, then thresholded: thresholding on a coarser cache grid and
+        resampling the mask would give blocky masks."""
+        lesion = invert_to_original(lesion, properties, "linear", fill=0.0)
+        mask = (lesion > threshold).astype(np.uint8)
+        return mask, lesion if self.settings.save_probabilities else None
 
     # -------------------------------------------------------------- one case
-    def load(self, record: CaseRecord) -> tuple[LoadedCase, np.ndarray, dict]:
-        """(the checked case, its preprocessed array, properties); ``InputError`` for bad input."""
+    def load(self, record: CaseRecord) -> tuple[LoadedCase, list[tuple[np.ndarray, dict]]]:
+        """(the checked case, per stage its preprocessed array and properties); ``InputError`` for bad input.
+
+        Each stage is preprocessed exactly as its training cache was (its plans, configuration and
+        preprocessing settings, from the fold record); stages that share them share the array.
+        """
         case = load_case(record, with_label=False)
-        data, properties = _preprocess(case, record, self.model)
-        return case, data, properties
+        done: dict[tuple, tuple[np.ndarray, dict]] = {}
+        prepared = []
+        for stage in self.model.stages:
+            r = stage.record
+            key = (r.plans_sha256, r.configuration, json.dumps(r.preprocessing, sort_keys=True))
+            if key not in done:
+                plans = stage.plans
+                settings = PreprocessingSettings.from_signature(r.preprocessing)
+                data, _, properties = preprocess_loaded_case(case, plans, plans.configuration(r.configuration), settings)
+                properties.update(cohort=record.cohort, patient=record.patient)
+                done[key] = (data, properties)
+            prepared.append(done[key])
+        return case, prepared
 
     def predict_loaded(
-        self, case: LoadedCase, data: np.ndarray, properties: dict, started: float | None = None
+        self, case: LoadedCase, prepared: list[tuple[np.ndarray, dict]], started: float | None = None
     ) -> CasePrediction:
         """Predict a case loaded by ``load`` (``started``: when its clock started, for the timing)."""
         started = time.perf_counter() if started is None else started
         stats = SlidingWindowStats()
-        probabilities = self.predict_array(data, stats).numpy()
-        mask, lesion = self.to_original(probabilities, properties)
-        del probabilities
+        outputs: dict[str, StageOutput] = {}
+        for stage, (data, properties) in zip(self.model.stages, prepared):
+            image = data
+            if stage.stage.inputs:
+                cues = [map_between_caches(outputs[s].lesion_probability(), outputs[s].properties, properties)[None]
+                        for s in stage.stage.inputs]
+                image = np.concatenate([data] + cues).astype(np.float32, copy=False)
+            named = self.predict_stage(stage, image, stats)
+            outputs[stage.stage.name] = StageOutput(
+                probabilities=named.pop("probabilities").numpy(), properties=properties, output=stage.record.output,
+                heads={k: v.numpy() for k, v in named.items()},
+            )
+        combined = self.combine(self.model.method, outputs)
+        del outputs
+        mask, lesion = self.to_original(combined.lesion_probability, combined.properties, combined.threshold)
         numbers = clinical_numbers(mask, case.pet, case.geometry.spacing_zyx)
+        numbers.update(_extra_columns(combined.values))
         return CasePrediction(
             case_id=case.case_id,
             mask=mask,
@@ -310,8 +308,8 @@ class Predictor:
     def predict_case(self, record: CaseRecord) -> CasePrediction:
         """Predict one case in memory (nothing written)."""
         started = time.perf_counter()
-        case, data, properties = self.load(record)
-        return self.predict_loaded(case, data, properties, started)
+        case, prepared = self.load(record)
+        return self.predict_loaded(case, prepared, started)
 
     # -------------------------------------------------------------- a folder
     def write_case(self, prediction: CasePrediction, output_dir: Path, record: CaseRecord | None = None) -> None:

@@ -11,13 +11,16 @@ How it works:
   added into accumulators that stay on the device.
 * Windows whose whole box is air (PET ≤ ``empty_pet_max`` and CT ≤ ``empty_ct_max``: the CT is
   scaled to [0, 1] from [-1024, 1024] HU, so 0.05 ≈ -920 HU) are not run. Voxels that no run
-  window covers get background probability 1; voxels covered by some run windows get the
-  weighted mean of those.
+  window covers get ``fill`` (per-channel probabilities of "surely no lesion", e.g.
+  ``OutputSpec.background()``; default: 1 in channel 0, 0 elsewhere, the softmax background);
+  voxels covered by some run windows get the weighted mean of those.
+* The ensemble step (every network, every mirrored copy, probabilities averaged after the
+  activation) is ``ensemble_probabilities``, shared with the other strategies
+  (``models/strategies.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -26,6 +29,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from autopetseg.models import runtime
+from autopetseg.options import check_option
 
 logger = logging.getLogger(__name__)
 
@@ -67,32 +73,104 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 
 
 
 def _activation(name: str | Callable | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits (B, channels, ...) → probabilities: "softmax" (over channels), "sigmoid", a callable or None."""
     if name is None:
         return lambda x: x
     if callable(name):
         return name
+    check_option("activation", name)
     if name == "softmax":
         return lambda x: torch.softmax(x, dim=1)
     if name == "sigmoid":
         return torch.sigmoid
-    raise ValueError(f"unknown activation {name!r}")
+    raise ValueError(f"unknown activation {name!r}")  # an option listed but not handled here
 
 
-def _autocast(device: torch.device, amp: bool | None, dtype: torch.dtype | None = None):
+def resolve_amp_dtype(device: torch.device, amp: bool | None, dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (None: on for CUDA) and an explicit ``dtype``; None = float32."""
     use = device.type == "cuda" if amp is None else amp
     if not use:
-        return contextlib.nullcontext()
-    if dtype is None:
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if device.type != "cuda" or cuda_bf16 else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        return None
+    return dtype if dtype is not None else runtime.amp_dtype(device, True)
+
+
+def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A network's output → (segmentation logits, extra heads).
+
+    A tensor is the logits; a list/tuple is deep supervision (the first is full resolution); a dict
+    holds the logits under ``"segmentation"`` and each other key is a patient-level head.
+    """
+    if isinstance(out, dict):
+        if "segmentation" not in out:
+            raise ValueError(f"a network returning a dict must have a 'segmentation' key, got {sorted(out)}")
+        seg = out["segmentation"]
+        if isinstance(seg, (list, tuple)):
+            seg = seg[0]
+        return seg, {k: v for k, v in out.items() if k != "segmentation"}
+    if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
+        return out[0], {}
+    return out, {}
 
 
 def _logits(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = network(x)
-    if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
-        out = out[0]
-    return out
+    return split_output(network(x))[0]
+
+
+def ensemble_probabilities(
+    nets: Sequence[nn.Module],
+    weights: Sequence[float],
+    batch: torch.Tensor,
+    flips: Sequence[tuple[int, ...]],
+    act: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    stats: "SlidingWindowStats",
+    heads: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Weighted mean over networks and mirrored copies of the activated outputs for one batch.
+
+    ``weights`` sum to 1; ``flips`` are tensor dims of ``batch`` (``()`` = no flip). When ``heads``
+    is a dict, the extra heads of dict outputs ((B, K) logits) are added into it, softmaxed over K
+    and weighted like the segmentation.
+    """
+    probs = None
+    head_names: set[str] | None = None
+    for net, w in zip(nets, weights):
+        for dims in flips:
+            inp = torch.flip(batch, dims) if dims else batch
+            with runtime.autocast(device, dtype):
+                out, extra = split_output(net(inp))
+            stats.n_forward_calls += 1
+            p = act(out.float())
+            if dims:
+                p = torch.flip(p, dims)
+            p = p * (w / len(flips))
+            probs = p if probs is None else probs + p
+            if heads is not None:
+                if head_names is None:
+                    head_names = set(extra)
+                elif set(extra) != head_names:
+                    raise ValueError(f"the networks of an ensemble return different heads: "
+                                     f"{sorted(head_names)} and {sorted(extra)}")
+                for name, logits in extra.items():
+                    if logits.ndim != 2:
+                        raise ValueError(f"head {name!r} must be (B, K) logits, got shape {tuple(logits.shape)}")
+                    h = torch.softmax(logits.float(), dim=1) * (w / len(flips))
+                    heads[name] = h + heads[name] if name in heads else h
+    return probs
+
+
+def normalized_weights(n: int, network_weights: Sequence[float] | None) -> list[float]:
+    weights = [1.0] * n if network_weights is None else [float(w) for w in network_weights]
+    if len(weights) != n or sum(weights) <= 0:
+        raise ValueError("network_weights must give one positive-sum weight per network")
+    return [w / sum(weights) for w in weights]
+
+
+def default_device(nets: Sequence[nn.Module]) -> torch.device:
+    """The device of the first network's parameters (CPU for a network without any)."""
+    param = next(iter(nets[0].parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -110,6 +188,7 @@ def sliding_window_predict(
     network_weights: Sequence[float] | None = None,
     amp_dtype: torch.dtype | None = None,
     activation: str | Callable | None = "softmax",
+    fill: Sequence[float] | None = None,
     empty_pet_max: float = EMPTY_PET_MAX,
     empty_ct_max: float = EMPTY_CT_MAX,
     channels_last_3d: bool = False,
@@ -121,20 +200,18 @@ def sliding_window_predict(
     ``networks``: one network or the folds of an ensemble (averaged, with ``network_weights`` if
     given, e.g. the folds' validation DSC). ``mirror_axes``: spatial axes (0 = z) for test-time
     mirroring; all combinations of flips are averaged. ``activation`` turns logits into
-    probabilities ("softmax", "sigmoid", a callable or None). ``amp``: autocast (default: on for
-    CUDA) in ``amp_dtype`` (default bf16 where supported, else fp16). Networks are used as they are
-    (call ``.eval()`` first). ``stats``, if given, is filled with window counts.
+    probabilities ("softmax", "sigmoid", a callable or None; another name is a ``ValueError``).
+    ``fill``: per-channel probabilities of the voxels no run window covers (None: 1 in channel 0,
+    0 elsewhere). ``amp``: autocast (default: on for CUDA) in ``amp_dtype`` (default bf16 where
+    supported, else fp16). Networks are used as they are (call ``.eval()`` first). ``stats``, if
+    given, is filled with window counts.
     """
     nets = [networks] if isinstance(networks, nn.Module) else list(networks)
     if not nets:
         raise ValueError("no network given")
-    weights = [1.0] * len(nets) if network_weights is None else [float(w) for w in network_weights]
-    if len(weights) != len(nets) or sum(weights) <= 0:
-        raise ValueError("network_weights must give one positive-sum weight per network")
-    weights = [w / sum(weights) for w in weights]
-    if device is None:
-        device = next(nets[0].parameters()).device if any(True for _ in nets[0].parameters()) else torch.device("cpu")
-    device = torch.device(device)
+    weights = normalized_weights(len(nets), network_weights)
+    device = default_device(nets) if device is None else torch.device(device)
+    dtype = resolve_amp_dtype(device, amp, amp_dtype)
     act = _activation(activation)
     stats = stats if stats is not None else SlidingWindowStats()
 
@@ -142,6 +219,8 @@ def sliding_window_predict(
     if image.ndim != 4:
         raise ValueError(f"image must be (C, z, y, x), got shape {tuple(image.shape)}")
     patch = [int(p) for p in patch_size]
+    if len(patch) != 3:
+        raise ValueError(f"patch_size must have 3 sizes (z, y, x), got {tuple(patch_size)}")
     shape = list(image.shape[1:])
     padded = [max(s, p) for s, p in zip(shape, patch)]
     x = image.to(device=device, dtype=torch.float32)
@@ -169,18 +248,7 @@ def sliding_window_predict(
         windows = torch.stack([x[(slice(None),) + _slices(b, patch)] for b in chunk])
         if channels_last_3d:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
-        probs = None
-        for net, w in zip(nets, weights):
-            for dims in flips:
-                inp = torch.flip(windows, dims) if dims else windows
-                with _autocast(device, amp, amp_dtype):
-                    out = _logits(net, inp)
-                stats.n_forward_calls += 1
-                p = act(out.float())
-                if dims:
-                    p = torch.flip(p, dims)
-                p = p * (w / len(flips))
-                probs = p if probs is None else probs + p
+        probs = ensemble_probabilities(nets, weights, windows, flips, act, device, dtype, stats)
         if sums is None:
             sums = torch.zeros([probs.shape[1]] + padded, device=device, dtype=torch.float32)
         for b, p in zip(chunk, probs):
@@ -189,11 +257,16 @@ def sliding_window_predict(
             weight_sum[region] += gaussian
 
     if sums is None:  # everything skipped: pure background
-        n_classes = _count_classes(nets[0], image.shape[0], patch, device, amp, amp_dtype)
+        n_classes = len(fill) if fill is not None else _count_classes(nets[0], image.shape[0], patch, device, dtype)
         sums = torch.zeros([n_classes] + padded, device=device, dtype=torch.float32)
+    n_classes = sums.shape[0]
+    fill_values = [1.0] + [0.0] * (n_classes - 1) if fill is None else [float(f) for f in fill]
+    if len(fill_values) != n_classes:
+        raise ValueError(f"fill gives {len(fill_values)} values, the network puts out {n_classes} channels")
     covered = weight_sum > 0
     result = sums / torch.where(covered, weight_sum, torch.ones_like(weight_sum))
-    result[0] = torch.where(covered, result[0], torch.ones_like(result[0]))
+    for c, value in enumerate(fill_values):
+        result[c] = torch.where(covered, result[c], torch.full_like(result[c], value))
     crop = tuple(slice(o, o + s) for o, s in zip(offsets, shape))
     return result[(slice(None),) + crop].to(output_device)
 
@@ -216,8 +289,8 @@ def _flip_combinations(mirror_axes: Sequence[int] | None) -> list[tuple[int, ...
     return combos
 
 
-def _count_classes(net: nn.Module, in_channels: int, patch, device, amp, amp_dtype=None) -> int:
-    # One dummy forward only when every window was skipped: we still need the output shape.
-    with _autocast(device, amp, amp_dtype):
+def _count_classes(net: nn.Module, in_channels: int, patch, device, dtype: torch.dtype | None) -> int:
+    # One dummy forward only when every window was skipped and no ``fill`` tells the channels.
+    with runtime.autocast(device, dtype):
         out = _logits(net, torch.zeros([1, in_channels] + list(patch), device=device))
     return int(out.shape[1])

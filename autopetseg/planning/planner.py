@@ -261,10 +261,6 @@ def plan_topology(
     return NetworkTopology(features_per_stage=features, strides=strides, kernel_sizes=kernels, num_res_units=settings.num_res_units)
 
 
-def total_stride(topology: NetworkTopology) -> list[int]:
-    return [int(np.prod(axis)) for axis in zip(*topology.strides)]
-
-
 def stage_voxels(topology: NetworkTopology, patch: list[int]) -> list[float]:
     """Voxels of a patch at each stage (patch / cumulative stride)."""
     cumulative = np.ones(len(patch))
@@ -376,7 +372,7 @@ class _Candidate:
 
 
 def _round_to_stride(patch: list[int], topology: NetworkTopology) -> list[int]:
-    return [max(t, (p // t) * t) for p, t in zip(patch, total_stride(topology))]
+    return [max(t, (p // t) * t) for p, t in zip(patch, topology.total_stride)]
 
 
 def grow_patch(

@@ -10,8 +10,10 @@ its in-plane sizes as (y, x)-like pairs of the slicing plane it names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json, write_json
@@ -48,6 +50,19 @@ class NetworkTopology:
     @property
     def n_stages(self) -> int:
         return len(self.features_per_stage)
+
+    @property
+    def total_stride(self) -> list[int]:
+        """Downsampling from the input to the bottleneck per axis; see :func:`total_stride`."""
+        return total_stride(self.strides)
+
+
+def total_stride(strides: Sequence[Sequence[int]]) -> list[int]:
+    """Per axis, the product of every stage's stride: the factor a network's input must be divisible by.
+
+    The one place this is computed (planner, plans validation and the networks all call it).
+    """
+    return [int(math.prod(int(v) for v in axis)) for axis in zip(*strides)]
 
 
 @dataclass
@@ -185,9 +200,7 @@ def _validate_configuration(c: ConfigurationPlan) -> None:
     for s in range(net.n_stages):
         if len(net.strides[s]) != c.ndim or len(net.kernel_sizes[s]) != c.ndim:
             raise ValueError(f"{where}.network: stage {s} stride/kernel must have {c.ndim} entries")
-    total = [1] * c.ndim
-    for stride in net.strides:
-        total = [t * s for t, s in zip(total, stride)]
+    total = net.total_stride
     if any(p % t for p, t in zip(c.patch_size, total)):
         raise ValueError(f"{where}.patch_size {c.patch_size} must be divisible by the total stride {total}")
 

@@ -59,6 +59,18 @@ class PreprocessingSettings:
     body: BodyMaskSettings = field(default_factory=BodyMaskSettings)  # the crop (planning.body)
 
 
+    @classmethod
+    def from_signature(cls, signature: dict | None) -> "PreprocessingSettings":
+        """The settings a cache was made with, from a case's ``preprocessing`` signature (None: defaults)."""
+        if not signature:
+            return cls()
+        return cls(
+            label_resampling=LabelResampling(**signature["label_resampling"]),
+            foreground=ForegroundSampling(**signature["foreground"]),
+            body=BodyMaskSettings(**signature["body"]),
+        )
+
+
 DEFAULT_SETTINGS = PreprocessingSettings()
 
 
@@ -99,7 +111,7 @@ def _signature(plans: Plans, conf: ConfigurationPlan, settings: PreprocessingSet
     }
 
 
-def _preprocess_loaded(
+def preprocess_loaded_case(
     case: LoadedCase | CroppedCase,
     plans: Plans,
     conf: ConfigurationPlan,
@@ -146,7 +158,7 @@ def preprocess_for_inference(
     """The cache array and properties of one case, in memory (no label read, nothing written)."""
     conf = plans.configuration(configuration)
     case = load_cropped_case(record, with_label=False, settings=settings.body)
-    data, _, properties = _preprocess_loaded(case, plans, conf, settings)
+    data, _, properties = preprocess_loaded_case(case, plans, conf, settings)
     properties.update(cohort=record.cohort, patient=record.patient)
     return data, properties
 
@@ -184,7 +196,7 @@ def preprocess_case(
     case = read_cropped(Path(cropped_dir), record, settings.body) if cropped_dir is not None else None
     if case is None:
         case = load_cropped_case(record, settings=settings.body)
-    data, seg, properties = _preprocess_loaded(case, plans, conf, settings)
+    data, seg, properties = preprocess_loaded_case(case, plans, conf, settings)
     del case  # the crop is no longer needed while the files are written
 
     if seg is None:
@@ -238,6 +250,22 @@ def _cache_grids(properties: dict) -> tuple[Geometry, tuple[slice, ...], Geometr
             f"{cache.shape_zyx} vs stored {properties['shape_after_crop_zyx']} / {properties['shape_after_resample_zyx']}"
         )
     return geometry, tuple(slice(a, b) for a, b in bbox), crop, cache
+
+
+def map_between_caches(array_zyx: np.ndarray, source: dict, target: dict) -> np.ndarray:
+    """A (z, y, x) array on one configuration's cache grid resampled (linear) onto another's.
+
+    ``source`` and ``target`` are the two caches' properties of the same case: both grids cover
+    the same body box of the same PET image, so the mapping is exact in physical space (an earlier
+    stage's output becomes a later stage's input this way). Outside the source box: 0.
+    """
+    _, _, _, source_grid = _cache_grids(source)
+    _, _, _, target_grid = _cache_grids(target)
+    if tuple(array_zyx.shape) != source_grid.shape_zyx:
+        raise ValueError(f"array shape {array_zyx.shape} is not the source cache shape {source_grid.shape_zyx}")
+    out = np.zeros(target_grid.shape_zyx, dtype=np.float32)
+    resample_array(np.asarray(array_zyx, dtype=np.float32), source_grid, target_grid, "linear", out=out)
+    return out
 
 
 def invert_to_original(array_zyx: np.ndarray, properties: dict, order: str = "linear", fill: float = 0) -> np.ndarray:

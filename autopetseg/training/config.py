@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from autopetseg.options import check_option
+
 
 @dataclass
 class AugmentationConfig:
@@ -58,11 +60,11 @@ class TrainerConfig:
     iterations_per_epoch: int = 250  # nnU-Net
     batch_size: int | None = None  # None: plans
     patch_size: list[int] | None = None  # None: plans
-    optimizer: str = "adam"  # "adam", "adamw" or "sgd"
+    optimizer: str = "adam"  # OPTIONS["optimizer"]: "adam", "adamw" or "sgd"
     learning_rate: float = 1e-3  # GDFL paper
     weight_decay: float = 0.0
     momentum: float = 0.99  # SGD only (nnU-Net)
-    schedule: str = "cosine"  # "cosine", "poly", "constant"; stepped per iteration
+    schedule: str = "cosine"  # OPTIONS["schedule"]: "cosine", "poly", "constant"; stepped per iteration
     grad_clip_norm: float | None = 12.0  # nnU-Net's clipping; None disables
     # Focal-loss "prior" initialisation (Lin et al., RetinaNet §4.1): the output layer's biases start
     # at the log-odds of background 1 - p and lesion p, so training starts from "all background"
@@ -117,12 +119,9 @@ class TrainerConfig:
             raise ValueError("epochs and iterations_per_epoch must be >= 1")
         if not 0.0 <= self.foreground_share <= 1.0:
             raise ValueError(f"foreground_share must be in [0, 1], got {self.foreground_share}")
-        if self.schedule not in ("cosine", "poly", "constant"):
-            raise ValueError(f"schedule must be cosine, poly or constant, got {self.schedule!r}")
-        if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
-        if self.amp_dtype not in ("auto", "bf16", "fp16"):
-            raise ValueError(f"amp_dtype must be auto, bf16 or fp16, got {self.amp_dtype!r}")
+        check_option("schedule", self.schedule)
+        check_option("optimizer", self.optimizer)
+        check_option("amp_dtype", self.amp_dtype)
         if self.validation_interval < 1:
             raise ValueError("validation_interval must be >= 1")
         if self.num_workers is not None and self.num_workers < 0:

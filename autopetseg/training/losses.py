@@ -121,17 +121,10 @@ class GeneralizedDiceFocalLoss(nn.Module):
         return 1.0 - ratio.mean()
 
     def _focal(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        sign = 2.0 * g - 1.0  # +1 where the class is present, -1 where absent
-        log_q_t = F.logsigmoid(sign * x)  # log q_t
-        modulation = torch.exp(self.gamma * F.logsigmoid(-sign * x))  # (1 - q_t)^gamma
-        elementwise = -modulation * log_q_t
-        if self.focal_form == "positive":
-            elementwise = elementwise * g
-        weights = self.focal_weights.to(x.device).view(1, -1, *([1] * (x.ndim - 2)))
-        elementwise = weights * elementwise
-        if self.focal_reduction == "mean":
-            return elementwise.mean()
-        return elementwise.sum() / x.shape[0]
+        return focal_loss(
+            x, g, self.gamma, "sigmoid", self.focal_weights,
+            positive_only=self.focal_form == "positive", reduction=self.focal_reduction,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,19 +153,39 @@ def focal_loss(
     gamma: float = 2.0,
     activation: str = "softmax",
     class_weights: torch.Tensor | None = None,
+    positive_only: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean focal loss over all (batch, class, voxel) elements; see the section comment above."""
+    """Focal loss of logits and one-hot labels (B, C, *spatial); the one focal term of both papers.
+
+    ``activation="softmax"``: -(1 - p_c)^gamma log p_c at each voxel's true class c (the L1DFL
+    section comment above). ``"sigmoid"``: per class channel the binary focal loss of Lin et al.,
+    -(1 - q_t)^gamma log q_t with q_t = sigmoid(x) where the class is present and 1 - sigmoid(x)
+    where it is absent, in log-sigmoid form for stability (GDFL's ``focal_form="binary"``).
+    ``positive_only`` keeps only the present-class terms (GDFL's ``focal_form="positive"``;
+    the softmax form has only those). ``class_weights`` (C,) multiply each class channel.
+    ``reduction="mean"``: mean over all (batch, class, voxel) elements; ``"sum"``: sum over
+    classes and voxels, mean over the batch.
+    """
     if activation == "softmax":
         log_p = torch.log_softmax(logits, dim=1)
         elementwise = -torch.exp(gamma * torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-7))) * log_p * onehot
     elif activation == "sigmoid":
-        sign = 2.0 * onehot - 1.0
-        elementwise = -torch.exp(gamma * F.logsigmoid(-sign * logits)) * F.logsigmoid(sign * logits)
+        sign = 2.0 * onehot - 1.0  # +1 where the class is present, -1 where absent
+        log_q_t = F.logsigmoid(sign * logits)
+        modulation = torch.exp(gamma * F.logsigmoid(-sign * logits))  # (1 - q_t)^gamma
+        elementwise = -modulation * log_q_t
     else:
         raise ValueError(f"focal activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    if positive_only:
+        elementwise = elementwise * onehot
     if class_weights is not None:
         elementwise = elementwise * class_weights.to(logits.device).view(1, -1, *([1] * (logits.ndim - 2)))
-    return elementwise.mean()
+    if reduction == "mean":
+        return elementwise.mean()
+    if reduction == "sum":
+        return elementwise.sum() / logits.shape[0]
+    raise ValueError(f"focal reduction must be one of {FOCAL_REDUCTIONS}, got {reduction!r}")
 
 
 def _logits_and_onehot(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,18 +1,26 @@
-"""The one training loop every method shares; variants override small hooks (``variants.py``).
+"""The one training loop every stage of every method shares; variants override small hooks (``variants.py``).
 
 ``Trainer.run()`` is the whole story:
 
-    setup (network, loss, optimizer + schedule, AMP, DDP, data loader, resume)
+    setup (network, loss, optimizer + schedule, AMP, DDP, data loader, resume; the fold record)
     for epoch in start .. epochs-1:
         train ``iterations_per_epoch`` steps on random patches
-        every ``validation_interval`` epochs (and after the last): sliding-window validation of
-            the whole validation volumes, autoPET DSC/FPV/FNV (rank 0 only)
-        log row, progress plot, checkpoint_latest (and checkpoint_best on a new best mean DSC)
+        every ``validation_interval`` epochs (and after the last): the stage's inference strategy
+            over the whole validation volumes, ``validate_case`` per case (rank 0 only)
+        log row, progress plot, checkpoint_latest (and checkpoint_best on a new best
+            ``selection_metric``)
     checkpoint_final, validation.json of the best checkpoint
 
-Hooks a variant may override: ``build_network``, ``build_loss``, ``configure_optimizer``,
-``make_train_loader``, ``prepare_batch``, ``compute_loss``, ``output_to_mask``; class attributes
-``name``, ``config_defaults`` (the variant's hyper-parameters) and ``inference_activation``.
+A trainer is one stage of a method (``models.methods``): one network on one configuration. A
+stage may take earlier stages' outputs (``inputs``): they reach the batch as extra arrays, moved
+by the spatial augmentation with the image, and become extra input channels.
+
+Hooks a variant may override: ``network_spec`` (the network, as data: inference rebuilds it from
+the fold record without any trainer), ``build_loss``, ``configure_optimizer``,
+``make_train_loader``, ``prepare_batch``, ``compute_loss(outputs, batch)``, ``validate_case``,
+``summarize_validation``, ``strategy``; class attributes ``name``, ``config_defaults`` (the
+variant's hyper-parameters), ``output`` (``OutputSpec``: activation, channels, lesion channel,
+threshold), ``selection_metric`` and ``selection_mode``.
 
 Reproducibility and resuming: every training batch is drawn from a random stream seeded by
 (seed, rank, batch index) (``data_loader.py``), and the checkpoint holds network, optimizer,
@@ -36,15 +44,17 @@ DDP (torchrun): each rank trains on its own patch stream; gradients are averaged
 batch-norm running statistics are averaged at the end of every epoch, so all ranks hold the
 same weights; only rank 0 validates and writes.
 
-Files in the fold folder: ``config.json``, ``checkpoint_latest.pt`` (every epoch),
-``checkpoint_best.pt`` (highest mean validation DSC; ties keep the earlier epoch),
-``checkpoint_final.pt``, ``validation.json``, ``training_log.csv``, ``progress.png``. All written
-atomically, by rank 0 only.
+Files in the stage folder (``models/folders.py``): ``model.json`` (the fold record),
+``config.json``, ``checkpoint_latest.pt`` (every epoch), ``checkpoint_best.pt`` (best
+``selection_metric``; ties keep the earlier epoch), ``checkpoint_final.pt``, ``validation.json``,
+``training_log.csv``, ``progress.png``. All written atomically, by rank 0 only. Checkpoints hold
+tensors and JSON-like data only and are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -60,19 +70,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autopetseg.scoring.metrics import aggregate, case_metrics
-from autopetseg.models.sliding_window import sliding_window_predict
-from autopetseg.io_utils import atomic_path, nan_to_none, write_json
+from autopetseg.io_utils import nan_to_none, read_json, write_json
+from autopetseg.models.checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from autopetseg.models.folders import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, FoldRecord, NetworkSpec, plans_hash
+from autopetseg.models.methods import OutputSpec, StageSpec, StrategySpec, one_stage
+from autopetseg.models.runtime import amp_dtype, autocast
+from autopetseg.models.strategies import run_strategy
+from autopetseg.options import check_option
 from autopetseg.planning.plans import ConfigurationPlan, Plans
+from autopetseg.scoring.metrics import aggregate, case_metrics
 from autopetseg.training.config import TrainerConfig
-from autopetseg.training.data_loader import CachedCase, make_train_loader
+from autopetseg.training.data_loader import CachedCase, load_cached_case, make_train_loader
 from autopetseg.training.progress import plot_progress, write_training_log
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_LATEST = "checkpoint_latest.pt"
-CHECKPOINT_BEST = "checkpoint_best.pt"
-CHECKPOINT_FINAL = "checkpoint_final.pt"
+__all__ = ["CHECKPOINT_BEST", "CHECKPOINT_FINAL", "CHECKPOINT_LATEST", "DistributedContext", "Trainer"]
 
 
 @dataclass(frozen=True)
@@ -96,14 +109,23 @@ class DistributedContext:
             dist.barrier()
 
 
+def case_volume(case: CachedCase, inputs: Sequence[str] = ()) -> torch.Tensor:
+    """A whole cached volume as a stage's network reads it: the image channels, then one channel per
+    earlier stage's output (``input_<stage>`` extras of the case)."""
+    arrays = [np.asarray(case.image, dtype=np.float32)]
+    arrays += [np.asarray(case.extras[f"input_{s}"], dtype=np.float32)[None] for s in inputs]
+    return torch.from_numpy(np.concatenate(arrays) if len(arrays) > 1 else np.array(arrays[0]))
+
+
 class Trainer:
     """Owns data, optimizer, schedule, AMP, checkpoints, validation and DDP for one fold."""
 
     name = "base"
     config_defaults: dict[str, Any] = {}
-    inference_activation = "softmax"  # how validation turns logits into probabilities
-    in_channels = 2  # PET, CT
-    num_classes = 2  # background, lesion
+    output = OutputSpec()  # softmax over background and lesion, lesion above 0.5
+    image_channels = 2  # PET, CT; each input from an earlier stage adds one
+    selection_metric = "mean_dsc"  # key of the validation summary that picks checkpoint_best
+    selection_mode = "max"
 
     @classmethod
     def output_prior_is_safe(cls, loss_settings: dict[str, Any] | None = None) -> bool:
@@ -122,7 +144,19 @@ class Trainer:
         device: str | torch.device = "cpu",
         dist_context: DistributedContext | None = None,
         fold: int | str = 0,
+        stage: StageSpec | None = None,
+        method: str | None = None,
+        inputs_dir: str | Path | None = None,
     ):
+        """``stage``: which stage of which ``method`` this is (default: the one stage of the method
+        named like the trainer); ``inputs_dir`` holds ``<case>_<stage>.npy``, the outputs of the
+        earlier stages this one takes, on this configuration's cache grid."""
+        self.stage = stage or one_stage(self.name).with_configuration(configuration).stages[0]
+        self.method_name = method or self.name
+        self.inputs_dir = None if inputs_dir is None else Path(inputs_dir)
+        if self.stage.inputs and self.inputs_dir is None:
+            raise ValueError(f"stage {self.stage.name!r} takes {list(self.stage.inputs)} but no inputs_dir was given")
+        check_option("selection_mode", self.selection_mode)
         self.plans = plans
         self.configuration: ConfigurationPlan = plans.configuration(configuration)
         self.data_dir = Path(data_dir)
@@ -135,13 +169,13 @@ class Trainer:
         self.fold = fold
         self.patch_size = list(self.config.patch_size or self.configuration.patch_size)
         self.batch_size = int(self.config.batch_size or self.configuration.batch_size)
-        self.amp_dtype = self._resolve_amp_dtype()
+        self.amp_dtype = amp_dtype(self.device, self.config.amp, self.config.amp_dtype)
         self.num_workers = self._resolve_num_workers()
         self._share_cpu_cores()
         # Filled by setup()
         self.network: nn.Module
         self.start_epoch = 0
-        self.best_dsc = -math.inf
+        self.best_score = self._worst()
         self.best_epoch: int | None = None
         self.log_rows: list[dict[str, Any]] = []
 
@@ -150,16 +184,6 @@ class Trainer:
     def default_config(cls) -> TrainerConfig:
         """``TrainerConfig`` with this variant's ``config_defaults`` applied."""
         return TrainerConfig().replace(**cls.config_defaults)
-
-    def _resolve_amp_dtype(self) -> torch.dtype | None:
-        use = self.config.amp if self.config.amp is not None else self.device.type == "cuda"
-        if not use:
-            return None
-        if self.config.amp_dtype == "fp16":
-            return torch.float16
-        if self.config.amp_dtype == "bf16" or self.device.type != "cuda":
-            return torch.bfloat16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def _resolve_num_workers(self) -> int:
         if self.config.num_workers is not None:
@@ -189,10 +213,23 @@ class Trainer:
         return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))))
 
     # ------------------------------------------------------------------ hooks
-    def build_network(self) -> nn.Module:
-        from autopetseg.models.networks import build_network
+    @property
+    def in_channels(self) -> int:
+        return self.image_channels + len(self.stage.inputs)
 
-        return build_network(self.config.network, self.configuration.network, self.in_channels, self.num_classes)
+    def network_spec(self) -> NetworkSpec:
+        """The network as data (name, topology, channels, options): recorded in ``model.json``."""
+        return NetworkSpec(self.config.network, self.configuration.network, self.in_channels, self.output.channels)
+
+    def build_network(self) -> nn.Module:
+        return self.network_spec().build()
+
+    def strategy(self) -> StrategySpec:
+        """How validation and prediction run the network over a volume: 3D windows, or 2D slices
+        across the configuration's slice axis."""
+        if self.configuration.ndim == 2:
+            return StrategySpec("slices", axis=self.configuration.slice_axis)
+        return StrategySpec("sliding_window")
 
     def build_loss(self) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must define build_loss()")
@@ -200,9 +237,10 @@ class Trainer:
     def configure_optimizer(self, parameters) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """Optimizer from the config, and its schedule stepped once per iteration."""
         cfg = self.config
-        if cfg.optimizer == "adam":
+        kind = check_option("optimizer", cfg.optimizer)
+        if kind == "adam":
             optimizer = torch.optim.Adam(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "adamw":
+        elif kind == "adamw":
             optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.SGD(
@@ -225,22 +263,41 @@ class Trainer:
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             start_batch=self.start_epoch * cfg.iterations_per_epoch,
+            slice_axis=self.configuration.slice_axis if self.configuration.ndim == 2 else None,
         )
 
-    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(network input, target) on the device."""
+    def load_case(self, case_id: str) -> CachedCase:
+        """One cached case with this stage's inputs (``input_<stage>`` extras) memory-mapped."""
+        extras = {f"input_{source}": self.inputs_dir / f"{case_id}_{source}.npy" for source in self.stage.inputs}
+        return load_cached_case(self.data_dir, case_id, extras=extras or None)
+
+    def network_input(self, image: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The image channels followed by one channel per earlier stage's output."""
+        if not self.stage.inputs:
+            return image
+        return torch.cat([image] + [batch[f"input_{source}"].to(image) for source in self.stage.inputs], dim=1)
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch on the device: ``input`` (what the network reads), ``target``, and the rest."""
         memory = torch.channels_last_3d if self.config.channels_last_3d else torch.contiguous_format
-        inputs = batch["data"].to(self.device, non_blocking=True).contiguous(memory_format=memory)
-        target = batch["target"].to(self.device, non_blocking=True)
-        return inputs, target
+        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs = self.network_input(moved["data"], moved)
+        moved["input"] = inputs.contiguous(memory_format=memory) if inputs.ndim == 5 else inputs.contiguous()
+        return moved
 
-    def compute_loss(self, outputs, target: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, outputs, batch: dict[str, Any]) -> torch.Tensor:
         # Outside autocast, in float32: losses with sums over whole patches lose precision in bf16.
-        return self.loss(outputs.float(), target)
+        return self.loss(outputs.float(), batch["target"])
 
-    def output_to_mask(self, probabilities: torch.Tensor) -> np.ndarray:
-        """Lesion mask (z, y, x) uint8 from class probabilities (n_classes, z, y, x)."""
-        return (probabilities.argmax(0) > 0).to(torch.uint8).cpu().numpy()
+    def validate_case(self, case: CachedCase) -> dict[str, Any]:
+        """Metrics of one validation case (default: the autoPET DSC/FPV/FNV of the lesion mask)."""
+        probabilities = self.predict_probabilities(self.case_input(case))
+        mask = (self.output.lesion_probability(probabilities) > self.output.threshold).numpy().astype(np.uint8)
+        return case_metrics(np.asarray(case.seg), mask, case.voxel_ml)
+
+    def summarize_validation(self, per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The validation summary; must hold ``selection_metric`` (default: the challenge means)."""
+        return aggregate(list(per_case.values()))
 
     # ------------------------------------------------------------------ setup
     def setup(self, continue_training: bool = False) -> None:
@@ -264,18 +321,49 @@ class Trainer:
         if self.config.compile:
             train_network = torch.compile(train_network)
         self.train_network = train_network
-        from autopetseg.training.data_loader import load_cached_case
-
-        self.train_cases = [load_cached_case(self.data_dir, c) for c in self.train_case_ids]
-        self.val_cases = [load_cached_case(self.data_dir, c) for c in self.val_case_ids] if self.dist.is_main else []
+        self.train_cases = [self.load_case(c) for c in self.train_case_ids]
+        self.val_cases = [self.load_case(c) for c in self.val_case_ids] if self.dist.is_main else []
         # Batches are seeded by (seed, rank, batch index): a resumed run continues the same stream.
         self.train_loader = self.make_train_loader(self.train_cases, seed=self.config.seed)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.output_dir / "config.json", self._description())
+            self.fold_record().save(self.output_dir)
+
+    def fold_record(self) -> FoldRecord:
+        """What prediction needs besides the weights (``model.json``)."""
+        plans = json.loads(json.dumps(dataclasses.asdict(self.plans)))
+        aug = self.config.augmentation
+        return FoldRecord(
+            method=self.method_name,
+            stage=self.stage.name,
+            trainer=self.name,
+            fold=self.fold,
+            configuration=self.configuration.name,
+            plans=plans,
+            plans_sha256=plans_hash(plans),
+            network=self.network_spec(),
+            output=self.output,
+            strategy=self.strategy(),
+            patch_size=list(self.patch_size),
+            preprocessing=self._cache_signature(),
+            mirror_axes=list(aug.mirror_axes) if aug.enabled else [],
+            channels_last_3d=self.config.channels_last_3d,
+            inputs=list(self.stage.inputs),
+        )
+
+    def _cache_signature(self) -> dict[str, Any] | None:
+        """The preprocessing settings the training cache was made with (from its first case)."""
+        for case_id in self.train_case_ids + self.val_case_ids:
+            path = self.data_dir / f"{case_id}.json"
+            if path.is_file():
+                return read_json(path).get("preprocessing")
+        return None
 
     def initialize_output_prior(self, prior: float) -> None:
-        """Bias of the layer that makes the logits: log-odds of 1 - ``prior`` (class 0), of ``prior`` (others).
+        """Bias of the layer that makes the logits. Softmax: log-odds of 1 - ``prior`` (class 0), of
+        ``prior`` (others); sigmoid: the log-odds of ``prior`` on every channel (a lesion probability
+        of ``prior`` at the start).
 
         The output layer is found by running one patch through the network (eval mode, no
         gradient): the last convolution executed with ``num_classes`` output channels. Its bias
@@ -286,7 +374,7 @@ class Trainer:
         hooks = [
             m.register_forward_hook(lambda module, _inp, _out: executed.append(module))
             for m in self.network.modules()
-            if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == self.num_classes
+            if isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == self.output.channels
         ]
         was_training = self.network.training
         try:
@@ -303,11 +391,14 @@ class Trainer:
         log_odds = math.log(prior / (1.0 - prior))
         with torch.no_grad():
             executed[-1].bias.fill_(log_odds)
-            executed[-1].bias[0] = -log_odds
+            if self.output.activation == "softmax":
+                executed[-1].bias[0] = -log_odds
 
     def _description(self) -> dict[str, Any]:
         return {
             "trainer": self.name,
+            "method": self.method_name,
+            "stage": self.stage.name,
             "configuration": self.configuration.name,
             "fold": self.fold,
             "patch_size": self.patch_size,
@@ -329,8 +420,9 @@ class Trainer:
     def fit(self) -> Path:
         """The epoch loop, from ``start_epoch`` (after ``setup``)."""
         cfg = self.config
-        if self.start_epoch >= cfg.epochs:
-            logger.info("fold already trained to %d epochs; nothing to do", cfg.epochs)
+        if self.start_epoch >= cfg.epochs and (self.output_dir / CHECKPOINT_FINAL).is_file():
+            logger.info("%s already trained to %d epochs; nothing to do", self.output_dir, cfg.epochs)
+            return self.output_dir
         for epoch in range(self.start_epoch, cfg.epochs):
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -370,12 +462,12 @@ class Trainer:
             else:
                 dist.broadcast(buffer, src=0)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs, target = self.prepare_batch(batch)
+    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        batch = self.prepare_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            outputs = self.train_network(inputs)
-        loss = self.compute_loss(outputs, target)
+        with autocast(self.device, self.amp_dtype):
+            outputs = self.train_network(batch["input"])
+        loss = self.compute_loss(outputs, batch)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -392,37 +484,38 @@ class Trainer:
             self.scheduler.step()
         return loss.detach()
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     # ------------------------------------------------------------------ validation
-    def predict_probabilities(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Sliding-window class probabilities (n_classes, z, y, x) of one preprocessed volume."""
-        return sliding_window_predict(
-            self.network,
-            torch.from_numpy(np.array(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image,
+    def case_input(self, case: CachedCase) -> torch.Tensor:
+        return case_volume(case, self.stage.inputs)
+
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (channels, z, y, x) of one preprocessed volume, by the stage's strategy."""
+        return run_strategy(
+            self.strategy(),
+            [self.network],
+            image,
             self.patch_size,
+            output=self.output,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
             batch_size=self.config.validation_batch_size,
             overlap=self.config.validation_overlap,
-            device=self.device,
-            amp=self.amp_dtype is not None,
-            amp_dtype=self.amp_dtype,
-            activation=self.inference_activation,
             channels_last_3d=self.config.channels_last_3d,
-        )
+        )["probabilities"]
 
     def validate(self) -> dict[str, Any]:
-        """autoPET metrics of every validation case; ``summary`` holds the challenge means."""
+        """``validate_case`` of every validation case; ``summary`` from ``summarize_validation``."""
         self.network.eval()
-        per_case = {}
         with torch.inference_mode():
-            for case in self.val_cases:
-                mask = self.output_to_mask(self.predict_probabilities(case.image))
-                per_case[case.case_id] = case_metrics(np.asarray(case.seg), mask, case.voxel_ml)
+            per_case = {case.case_id: self.validate_case(case) for case in self.val_cases}
         self.network.train()
-        return {"summary": aggregate(list(per_case.values())), "cases": per_case}
+        return {"summary": self.summarize_validation(per_case), "cases": per_case}
+
+    def _worst(self) -> float:
+        return -math.inf if self.selection_mode == "max" else math.inf
+
+    def _better(self, score: float, than: float) -> bool:
+        return score > than if self.selection_mode == "max" else score < than
 
     # ------------------------------------------------------------------ bookkeeping
     def end_epoch(self, epoch: int, train_loss: float, lr: float, validation: dict | None, seconds: float) -> None:
@@ -442,13 +535,14 @@ class Trainer:
                 "epoch %d: loss %.4f, lr %.2e, val DSC %s (%.1f s)", epoch, train_loss, lr, summary.get("mean_dsc"), seconds
             )
             if validation is not None:
-                dsc = summary["mean_dsc"]
-                undefined = dsc is None or math.isnan(dsc)
-                score = -math.inf if undefined else dsc
+                value = summary.get(self.selection_metric)
+                undefined = value is None or math.isnan(value)
+                score = self._worst() if undefined else value
                 # Strict: ties keep the earlier epoch. Without lesion-positive validation cases the
                 # DSC is undefined in every epoch and there is nothing to choose by: keep the latest.
-                if self.best_epoch is None or score > self.best_dsc or (undefined and self.best_dsc == -math.inf):
-                    self.best_dsc, self.best_epoch = score, epoch
+                if (self.best_epoch is None or self._better(score, self.best_score)
+                        or (undefined and self.best_score == self._worst())):
+                    self.best_score, self.best_epoch = score, epoch
                     self._save_checkpoint(CHECKPOINT_BEST, epoch)
                     self._write_validation(epoch, validation)
             write_training_log(self.output_dir / "training_log.csv", self.log_rows)
@@ -462,8 +556,10 @@ class Trainer:
             nan_to_none(
                 {
                     "trainer": self.name,
+                    "stage": self.stage.name,
                     "fold": self.fold,
                     "epoch": epoch,
+                    "selection_metric": self.selection_metric,
                     **validation["summary"],
                     "cases": validation["cases"],
                 }
@@ -478,30 +574,24 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "best_dsc": self.best_dsc,
+            "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "log": list(self.log_rows),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": rng_state(),
             "config": self.config.to_dict(),
             "patch_size": self.patch_size,
             "configuration": self.configuration.name,
         }
 
     def _save_checkpoint(self, filename: str, epoch: int) -> None:
-        with atomic_path(self.output_dir / filename, ".pt") as tmp:
-            torch.save(self.checkpoint_state(epoch), tmp)
+        save_checkpoint(self.output_dir / filename, self.checkpoint_state(epoch))
 
     def _resume(self) -> None:
         path = self.output_dir / CHECKPOINT_LATEST
         if not path.is_file():
             logger.warning("no %s in %s; training from scratch", CHECKPOINT_LATEST, self.output_dir)
             return
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(path, map_location=self.device)
         saved = state.get("config", {})
         for key in ("epochs", "iterations_per_epoch", "learning_rate", "schedule"):
             if key in saved and saved[key] != getattr(self.config, key):
@@ -524,17 +614,13 @@ class Trainer:
         elif self.scaler.is_enabled():
             # A checkpoint without fp16 (fp32/bf16 training) has no scale to continue from.
             logger.warning("checkpoint has no GradScaler state; fp16 loss scaling starts afresh")
-        self.best_dsc = state["best_dsc"]
+        self.best_score = state["best_score"] if "best_score" in state else state["best_dsc"]
         self.best_epoch = state["best_epoch"]
         self.log_rows = [r for r in state["log"] if r["epoch"] <= state["epoch"]]
         self.start_epoch = state["epoch"] + 1
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        logger.info("resuming at epoch %d (best mean DSC %.4f at epoch %s)", self.start_epoch, self.best_dsc, self.best_epoch)
+        restore_rng_state(state["rng"])
+        logger.info("resuming at epoch %d (best %s %.4f at epoch %s)", self.start_epoch, self.selection_metric,
+                    self.best_score, self.best_epoch)
 
 
 def lr_factor_schedule(kind: str, total_steps: int):
@@ -550,5 +636,5 @@ def lr_factor_schedule(kind: str, total_steps: int):
     def constant(step: int) -> float:
         return 1.0
 
-    return {"cosine": cosine, "poly": poly, "constant": constant}[kind]
+    return {"cosine": cosine, "poly": poly, "constant": constant}[check_option("schedule", kind)]
 

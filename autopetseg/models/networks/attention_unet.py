@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from autopetseg.planning.plans import NetworkTopology
+from autopetseg.planning.plans import NetworkTopology, total_stride
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -83,13 +83,6 @@ def topology_lists(topology: NetworkTopology, network: str) -> tuple[list[int], 
     if any(v % 2 == 0 for k in kernels for v in k):
         raise ValueError(f"{network}: kernel sizes must be odd to keep the grid aligned, got {kernels}")
     return features, strides, kernels, ndim
-
-
-def total_stride(strides: Sequence[Sequence[int]]) -> list[int]:
-    out = [1] * len(strides[0])
-    for s in strides:
-        out = [a * b for a, b in zip(out, s)]
-    return out
 
 
 def check_input_size(x: torch.Tensor, ndim: int, stride: Sequence[int]) -> None:

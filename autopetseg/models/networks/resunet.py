@@ -35,7 +35,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from autopetseg.planning.plans import NetworkTopology
+from autopetseg.planning.plans import NetworkTopology, total_stride
+from autopetseg.models.networks.attention_unet import check_input_size
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -177,9 +178,7 @@ class ResidualUNet(nn.Module):
             raise ValueError(f"strides[0] must be all ones for the residual U-Net, got {strides[0]}")
         res_units = topology.num_res_units
         self.ndim = ndim
-        self.total_stride = [1] * ndim
-        for s in strides:
-            self.total_stride = [t * v for t, v in zip(self.total_stride, s)]
+        self.total_stride = total_stride(strides)
 
         def block(c_in: int, c_out: int, kernel: list[int], stride: list[int]) -> nn.Module:
             if res_units > 0:
@@ -208,12 +207,7 @@ class ResidualUNet(nn.Module):
         self.decoder = nn.ModuleList(decoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = x.shape[2:]
-        if len(spatial) != self.ndim or any(d % t for d, t in zip(spatial, self.total_stride)):
-            raise ValueError(
-                f"input spatial shape {list(spatial)} must be {self.ndim}D and divisible by the "
-                f"network's total stride {self.total_stride}"
-            )
+        check_input_size(x, self.ndim, self.total_stride)
         skips = []
         for down in self.encoder:
             x = down(x)

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopetseg.planning.plans import NetworkTopology
-from autopetseg.models.networks.attention_unet import check_input_size, topology_lists, total_stride
+from autopetseg.planning.plans import NetworkTopology, total_stride
+from autopetseg.models.networks.attention_unet import check_input_size, topology_lists
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _INTERP = {2: "bilinear", 3: "trilinear"}
