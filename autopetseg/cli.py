@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan_and_preprocess", help="fingerprint a dataset, plan the experiment, preprocess into the cache")
     p.add_argument("-d", "--dataset", required=True, help="dataset folder, or Dataset###_Name / id under $AUTOPETSEG_RAW")
-    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"], choices=("3d_fullres", "2d"))
+    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"], choices=("3d_fullres", "2d", "2d_coronal"))
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory to plan for, GB (default 8)")
     budget.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="lesion masks and clinical numbers for a folder of cases, from an ensemble of folds")
     p.add_argument("-i", "--input", required=True, help="folder of cases (any accepted layout; labels not needed)")
     p.add_argument("-o", "--output", required=True, help="where <case>.nii.gz and predictions.csv go")
-    p.add_argument("-m", "--model", required=True, help="model folder <results>/<Dataset>/<trainer>__<configuration>")
+    p.add_argument("-m", "--model", required=True, help="model folder <results>/<Dataset>/<method>__<configuration>")
     p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: every trained fold)")
     p.add_argument("--checkpoint", choices=("best", "final"), default="best")
     p.add_argument("--ensemble", choices=("mean", "dice_weighted"), default="mean",

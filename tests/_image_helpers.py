@@ -17,6 +17,7 @@ Typical use::
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass, replace
@@ -219,3 +220,14 @@ def link_mirp_cases(tmp_path: str | Path) -> Path:
             if not link.exists():
                 link.symlink_to(target)
     return out
+
+
+def read(path) -> np.ndarray:
+    """The voxels of an image file, (z, y, x)."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def csv_rows(path: Path) -> dict[str, dict]:
+    """The rows of a ``predictions.csv``-like file by case id."""
+    with open(path, newline="") as f:
+        return {r["case_id"]: r for r in csv.DictReader(f)}

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 import shutil
@@ -21,6 +20,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from _cache_helpers import DATASET, tiny_plans, write_tiny_cache
+from _image_helpers import csv_rows, read
 
 from autopetseg.errors import InputError
 from autopetseg.inference.ensemble import load_ensemble
@@ -31,15 +31,6 @@ from autopetseg.models.methods import MethodSpec, StageSpec
 from autopetseg.planning.plans import ConfigurationPlan, NetworkTopology
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_model"
-
-
-def read(path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def csv_rows(path: Path) -> dict[str, dict]:
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 # ----------------------------------------------------------------------------- legacy folders
@@ -189,3 +180,72 @@ def test_a_two_stage_method_trains_resumes_and_predicts(tmp_path, cache, monkeyp
     assert probability.shape == (32, 32, 32) and np.isfinite(probability).all()
     mask = read(tmp_path / "pred" / "new.nii.gz")
     np.testing.assert_array_equal(mask, (probability > 0.5).astype(np.uint8))
+
+
+def test_out_of_fold_inputs_come_from_the_fold_that_validated_each_case(tmp_path, cache, monkeypatch):
+    from autopetseg.models.trained import ensemble_probabilities, load_trained_stage
+    from autopetseg.preprocessing.preprocessor import map_between_caches
+    from autopetseg.training.run import run_training
+    from autopetseg.training.splits import fold_cases
+
+    monkeypatch.setitem(methods.METHODS, TOY.name, TOY)
+    results = tmp_path / "results"
+    common = dict(preprocessed_root=cache, results_root=results, device="cpu", iterations_per_epoch=2, epochs=1,
+                  num_workers=0)
+    for fold in range(5):
+        run_training(cache / DATASET, fold, TOY.name, stage="localizer", seed=fold, **common)
+    model = results / DATASET / "toy_cascade__3d_fullres"
+    shutil.move(model / "fold_3" / "localizer", tmp_path / "fold_3_localizer")
+    with pytest.raises(InputError, match="stage 'localizer' of fold 3"):
+        run_training(cache / DATASET, 0, TOY.name, stage="segmenter", stage_inputs="out_of_fold", **common)
+    shutil.move(tmp_path / "fold_3_localizer", model / "fold_3" / "localizer")
+    run_training(cache / DATASET, 0, TOY.name, stage="segmenter", stage_inputs="out_of_fold", **common)
+
+    splits = json.loads((cache / DATASET / "splits.json").read_text())
+    case = fold_cases(splits, 2)[1][0]  # validated by fold 2, a training case of fold 0
+    assert case in fold_cases(splits, 0)[0]
+    data_dir = cache / DATASET / "3d_fullres"
+    props = json.loads((data_dir / f"{case}.json").read_text())
+    image = torch.from_numpy(np.array(np.load(data_dir / f"{case}.npy")))
+
+    def cue_of(fold):
+        stage = load_trained_stage(model / f"fold_{fold}" / "localizer", fold, model)
+        lesion = ensemble_probabilities([stage], image, device=torch.device("cpu"))["probabilities"][1].numpy()
+        return map_between_caches(lesion, props, props).astype(np.float16)
+
+    written = np.load(model / "fold_0" / "segmenter" / "inputs" / f"{case}_localizer.npy")
+    np.testing.assert_array_equal(written, cue_of(2))
+    assert not np.array_equal(written, cue_of(0))
+
+
+def test_a_trainer_with_a_label_column_carries_case_labels(tmp_path, cache, monkeypatch):
+    from autopetseg.training import variants
+    from autopetseg.training.run import prepare_trainer
+
+    class LabelledTrainer(variants.GDFLTrainer):
+        name = "labelled_test"
+        label_column = "prognosis"
+
+    monkeypatch.setitem(variants.TRAINERS, LabelledTrainer.name, LabelledTrainer)
+    monkeypatch.setitem(methods.METHODS, LabelledTrainer.name, methods.one_stage(LabelledTrainer.name))
+    dataset = tmp_path / "preprocessed" / DATASET
+    shutil.copytree(cache / DATASET, dataset)
+    listing = json.loads((dataset / "dataset.json").read_text())
+    for i, case in enumerate(listing["cases"]):
+        case["clinical"] = {"prognosis": str(i % 2)} if i != 4 else {}
+    (dataset / "dataset.json").write_text(json.dumps(listing))
+    trainer = prepare_trainer(dataset, 0, LabelledTrainer.name, preprocessed_root=tmp_path / "preprocessed",
+                              results_root=tmp_path / "results", device="cpu", num_workers=0, batch_size=6)
+    trainer.setup()
+    labels = {c["case_id"]: c["clinical"].get("prognosis") for c in listing["cases"]}
+    assert {c.case_id: c.case_label for c in trainer.train_cases} == {
+        k: (None if v is None else int(v)) for k, v in labels.items() if k in trainer.train_case_ids}
+    batch = next(trainer.train_loader)
+    assert batch["case_label"].dtype == torch.int64 and set(batch["case_label"].tolist()) <= {-1, 0, 1}
+
+    listing["cases"][0]["clinical"] = {"prognosis": "maybe"}
+    (dataset / "dataset.json").write_text(json.dumps(listing))
+    other = prepare_trainer(dataset, 0, LabelledTrainer.name, preprocessed_root=tmp_path / "preprocessed",
+                            results_root=tmp_path / "results2", device="cpu", num_workers=0)
+    with pytest.raises(InputError, match="'prognosis' of clinical.csv must hold 0 or 1"):
+        other.setup()

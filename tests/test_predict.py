@@ -7,7 +7,6 @@ test (marked slow) trains a tiny model on the synthetic cache and checks it find
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -18,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from _cache_helpers import tiny_plans, write_tiny_cache
-from _image_helpers import Grid, write_flat_case
+from _image_helpers import Grid, csv_rows, read, write_flat_case
 from torch import nn
 
 from autopetseg.cli import main
@@ -96,15 +95,6 @@ def on_finer_grid(image: sitk.Image, factor: int, shift_mm=(0.0, 0.0, 0.0), fill
     corner = image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 / factor] * 3)
     ref.SetOrigin([c + d for c, d in zip(corner, shift_mm)])
     return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, fill)
-
-
-def read(path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def csv_rows(path: Path) -> dict[str, dict]:
-    with open(path, newline="") as f:
-        return {r["case_id"]: r for r in csv.DictReader(f)}
 
 
 def test_ensemble_weights_follow_the_validation_dsc_with_a_fallback(caplog):

@@ -288,6 +288,28 @@ def test_output_prior_starts_training_from_background(cache, tmp_path):
     assert float(sigmoid_prior[1].median()) == pytest.approx(0.01, abs=0.02)
 
 
+def test_output_prior_of_a_one_channel_sigmoid_model_is_the_lesion_probability(cache, tmp_path, monkeypatch):
+    """A sigmoid stage's single channel is the lesion: the prior sets it to p, not to 1 - p."""
+    from autopetseg.models.methods import OutputSpec
+    from autopetseg.training import variants
+
+    class SigmoidTrainer(variants.GDFLTrainer):
+        name = "sigmoid_test"
+        output = OutputSpec(activation="sigmoid", channels=1, lesion_channel=0)
+
+    monkeypatch.setitem(variants.TRAINERS, SigmoidTrainer.name, SigmoidTrainer)
+    image = torch.from_numpy(np.array(load_cached_case(cache / DATASET / "3d_fullres", "case_005").image))[None]
+    trainer = SigmoidTrainer(prepare_trainer(cache / DATASET, 0, "gdfl", preprocessed_root=cache, results_root=tmp_path,
+                                             device="cpu").plans, "3d_fullres", cache / DATASET / "3d_fullres",
+                             tmp_path / "sigmoid", ["case_005"], [], config=SigmoidTrainer.default_config().replace(
+                                 output_prior=0.01, num_workers=0), device="cpu")
+    trainer.setup()
+    trainer.network.eval()
+    with torch.no_grad():
+        lesion = torch.sigmoid(trainer.network(image))[0, 0]
+    assert float(lesion.median()) == pytest.approx(0.01, abs=0.005)
+
+
 # --------------------------------------------------------------------------- data stream
 def test_batch_stream_is_independent_of_workers_and_resumable(cache):
     data_dir = cache / DATASET / "3d_fullres"

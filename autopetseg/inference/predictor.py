@@ -241,11 +241,14 @@ class Predictor:
         """Class probabilities of a one-stage model for a preprocessed volume (tests, benchmarks)."""
         return self.predict_stage(self.model.last, data, stats)["probabilities"]
 
-    def to_original(self, lesion: np.ndarray, properties: dict, threshold: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def to_original(self, lesion: np.ndarray, properties: dict,
+                    threshold: float | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(mask uint8, lesion probability float32 or None) on the PET grid from the cache-grid lesion
         probability. Inverted linearly, then thresholded: thresholding on a coarser cache grid and
-        resampling the mask would give blocky masks."""
+        resampling the mask would give blocky masks. A threshold map (cache grid) is inverted too."""
         lesion = invert_to_original(lesion, properties, "linear", fill=0.0)
+        if isinstance(threshold, np.ndarray):
+            threshold = invert_to_original(threshold, properties, "linear", fill=float(threshold.max()))
         mask = (lesion > threshold).astype(np.uint8)
         return mask, lesion if self.settings.save_probabilities else None
 
@@ -280,9 +283,9 @@ class Predictor:
         outputs: dict[str, StageOutput] = {}
         for stage, (data, properties) in zip(self.model.stages, prepared):
             image = data
-            if stage.stage.inputs:
+            if stage.stage.channel_inputs:
                 cues = [map_between_caches(outputs[s].lesion_probability(), outputs[s].properties, properties)[None]
-                        for s in stage.stage.inputs]
+                        for s in stage.stage.channel_inputs]
                 image = np.concatenate([data] + cues).astype(np.float32, copy=False)
             named = self.predict_stage(stage, image, stats)
             outputs[stage.stage.name] = StageOutput(

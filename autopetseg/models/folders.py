@@ -122,7 +122,7 @@ class FoldRecord:
     preprocessing: dict[str, Any] | None  # the cache signature (None: the defaults)
     mirror_axes: list[int] = field(default_factory=list)
     channels_last_3d: bool = False
-    inputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # earlier stages read as extra input channels
     format: int = RECORD_FORMAT
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from autopetseg.models.adaptive_threshold import L2SSettings
 from autopetseg.options import check_option
 
 
@@ -100,13 +101,22 @@ class StageSpec:
     """One stage: a trainer (``training.variants.TRAINERS``) on one configuration of the plans.
 
     ``inputs``: names of earlier stages whose lesion probability, mapped onto this stage's cache
-    grid, this stage takes as extra input channels (in this order, after PET and CT).
+    grid, this stage takes: in its batches (``input_<stage>``, moved by the spatial augmentation
+    with the patch) and, with ``inputs_as_channels`` (default), as extra input channels of its
+    network (in this order, after PET and CT). A stage that uses them otherwise (a loss weight, a
+    threshold map) sets ``inputs_as_channels`` False.
     """
 
     name: str
     trainer: str
     configuration: str = "3d_fullres"
     inputs: tuple[str, ...] = ()
+    inputs_as_channels: bool = True
+
+    @property
+    def channel_inputs(self) -> tuple[str, ...]:
+        """The inputs the network reads as extra channels."""
+        return self.inputs if self.inputs_as_channels else ()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "StageSpec":
@@ -175,6 +185,19 @@ def one_stage(name: str) -> MethodSpec:
 
 # The one registry: ``autopetseg train -tr NAME``.
 METHODS: dict[str, MethodSpec] = {name: one_stage(name) for name in ("gdfl", "l1dfl", "dice", "dicefocal")}
+
+# L2SNet (Cai et al., autoPET 2023): a 2D coronal localizer, then a 3D segmenter whose loss is weighted
+# by the localizer's cue (1 + P_loc per voxel) and whose mask is thresholded adaptively under the cue.
+# ``notes``: the adaptive threshold and the optional component rules (``adaptive_threshold.py``).
+METHODS["cascade_l2s"] = MethodSpec(
+    "cascade_l2s",
+    (
+        StageSpec("localizer", "l2s_localizer", "2d_coronal"),
+        StageSpec("segmenter", "l2s_segmenter", "3d_fullres", inputs=("localizer",), inputs_as_channels=False),
+    ),
+    combine="l2s_adaptive",
+    notes=L2SSettings().to_notes(),
+)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -149,5 +149,6 @@ def ensemble_probabilities(
         amp_dtype=amp_dtype,
         mirror_axes=record.mirror_axes if mirror else None,
         channels_last_3d=record.channels_last_3d,
+        divisor=record.network.topology.total_stride,
         **strategy_settings,
     )

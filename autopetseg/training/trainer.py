@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autopetseg.errors import InputError
 from autopetseg.io_utils import nan_to_none, read_json, write_json
 from autopetseg.models.checkpoints import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from autopetseg.models.folders import CHECKPOINT_BEST, CHECKPOINT_FINAL, CHECKPOINT_LATEST, FoldRecord, NetworkSpec, plans_hash
@@ -126,6 +127,7 @@ class Trainer:
     image_channels = 2  # PET, CT; each input from an earlier stage adds one
     selection_metric = "mean_dsc"  # key of the validation summary that picks checkpoint_best
     selection_mode = "max"
+    label_column: str | None = None  # a clinical.csv column whose 0/1 value rides along as batch["case_label"]
 
     @classmethod
     def output_prior_is_safe(cls, loss_settings: dict[str, Any] | None = None) -> bool:
@@ -171,7 +173,6 @@ class Trainer:
         self.batch_size = int(self.config.batch_size or self.configuration.batch_size)
         self.amp_dtype = amp_dtype(self.device, self.config.amp, self.config.amp_dtype)
         self.num_workers = self._resolve_num_workers()
-        self._share_cpu_cores()
         # Filled by setup()
         self.network: nn.Module
         self.start_epoch = 0
@@ -215,7 +216,7 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     @property
     def in_channels(self) -> int:
-        return self.image_channels + len(self.stage.inputs)
+        return self.image_channels + len(self.stage.channel_inputs)
 
     def network_spec(self) -> NetworkSpec:
         """The network as data (name, topology, channels, options): recorded in ``model.json``."""
@@ -267,15 +268,40 @@ class Trainer:
         )
 
     def load_case(self, case_id: str) -> CachedCase:
-        """One cached case with this stage's inputs (``input_<stage>`` extras) memory-mapped."""
+        """One cached case with this stage's inputs (``input_<stage>`` extras) memory-mapped, and its
+        patient-level label when the trainer has a ``label_column``."""
         extras = {f"input_{source}": self.inputs_dir / f"{case_id}_{source}.npy" for source in self.stage.inputs}
-        return load_cached_case(self.data_dir, case_id, extras=extras or None)
+        label = self.case_labels().get(case_id) if self.label_column else None
+        return load_cached_case(self.data_dir, case_id, extras=extras or None, case_label=label)
+
+    def case_labels(self) -> dict[str, int]:
+        """``label_column`` of each case's clinical fields (``dataset.json`` beside the cache), as 0/1;
+        cases without a value are left out (their batches carry -1)."""
+        if not hasattr(self, "_case_labels"):
+            path = self.data_dir.parent / "dataset.json"
+            labels: dict[str, int] = {}
+            for case in read_json(path)["cases"]:
+                value = (case.get("clinical") or {}).get(self.label_column)
+                if value in (None, ""):
+                    continue
+                try:
+                    label = float(value)
+                except ValueError:
+                    label = math.nan
+                if label not in (0.0, 1.0):
+                    raise InputError(f"column {self.label_column!r} of clinical.csv must hold 0 or 1, got {value!r}",
+                                     case["case_id"], path)
+                labels[case["case_id"]] = int(label)
+            if not labels:
+                raise InputError(f"no case has a value in column {self.label_column!r} of clinical.csv", file=path)
+            self._case_labels = labels
+        return self._case_labels
 
     def network_input(self, image: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """The image channels followed by one channel per earlier stage's output."""
-        if not self.stage.inputs:
+        if not self.stage.channel_inputs:
             return image
-        return torch.cat([image] + [batch[f"input_{source}"].to(image) for source in self.stage.inputs], dim=1)
+        return torch.cat([image] + [batch[f"input_{source}"].to(image) for source in self.stage.channel_inputs], dim=1)
 
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch on the device: ``input`` (what the network reads), ``target``, and the rest."""
@@ -301,6 +327,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self, continue_training: bool = False) -> None:
+        self._share_cpu_cores()  # here, not in the constructor: building a trainer changes no global state
         torch.manual_seed(self.config.seed + self.dist.rank)
         np.random.seed(self.config.seed + self.dist.rank)
         random.seed(self.config.seed + self.dist.rank)
@@ -349,7 +376,7 @@ class Trainer:
             preprocessing=self._cache_signature(),
             mirror_axes=list(aug.mirror_axes) if aug.enabled else [],
             channels_last_3d=self.config.channels_last_3d,
-            inputs=list(self.stage.inputs),
+            inputs=list(self.stage.channel_inputs),
         )
 
     def _cache_signature(self) -> dict[str, Any] | None:
@@ -486,7 +513,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def case_input(self, case: CachedCase) -> torch.Tensor:
-        return case_volume(case, self.stage.inputs)
+        return case_volume(case, self.stage.channel_inputs)
 
     def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Class probabilities (channels, z, y, x) of one preprocessed volume, by the stage's strategy."""
@@ -501,6 +528,7 @@ class Trainer:
             batch_size=self.config.validation_batch_size,
             overlap=self.config.validation_overlap,
             channels_last_3d=self.config.channels_last_3d,
+            divisor=self.configuration.network.total_stride,
         )["probabilities"]
 
     def validate(self) -> dict[str, Any]:
