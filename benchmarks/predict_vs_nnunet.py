@@ -60,8 +60,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-# The measuring helper and the data helpers of the preprocessing benchmark (same folder).
+# The measuring helper and the data helpers of the preprocessing benchmark, and nnU-Net's trainer run (same folder).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import nnunet_train_only  # noqa: E402
 from preprocess_vs_nnunet import Measurement, convert_for_nnunet, make_phantoms, measure  # noqa: E402
 
 DATASET_ID = 988
@@ -167,17 +168,6 @@ def plan_summary(model_dir: Path) -> dict:
 
 def nnunet_trainer_name(epochs: int) -> str:
     return "nnUNetTrainer_1epoch" if epochs == 1 else f"nnUNetTrainer_{epochs}epochs"
-
-
-def nnunet_train_only(dataset_id: str, trainer: str, iterations: int) -> None:
-    """Train fold 0 on the CPU with nnU-Net's trainer, ``iterations`` per epoch (a subprocess)."""
-    import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    t = get_trainer_from_args(dataset_id, CONFIGURATION, 0, trainer, device=torch.device("cpu"))
-    t.num_iterations_per_epoch = iterations
-    t.num_val_iterations_per_epoch = max(1, iterations // 5)
-    t.run_training()  # writes checkpoint_final.pth; the validation export is not needed here
 
 
 def nnunet_model(raw: Path, work: Path, epochs: int, iterations: int, num_processes: int, env: dict,

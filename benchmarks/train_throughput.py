@@ -32,8 +32,6 @@ import argparse
 import json
 import logging
 import os
-import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -46,38 +44,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
 
+from _common import timed_loop  # noqa: E402
 from autopetseg.io_utils import read_json  # noqa: E402
 from autopetseg.planning.plans import ComputeBudget, Plans  # noqa: E402
-
-
-# --------------------------------------------------------------------------- memory
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_mb(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024, "peak RSS of the process (VmHWM)"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS of the process (ru_maxrss, not reset)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -147,37 +118,13 @@ def time_ours(dataset_dir: Path, device: torch.device, work: Path, args) -> dict
           f"{trainer.num_workers} loader workers, {len(cases)} cases")
 
     trainer.train_network.train()
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        trainer.train_step(next(trainer.train_loader))
-    _sync(device)
-    warmup_s = time.perf_counter() - started
-    _reset_peak(device)
-    waits, computes = [], []
-    begin = time.perf_counter()
-    for _ in range(args.iterations):
-        t0 = time.perf_counter()
-        batch = next(trainer.train_loader)
-        t1 = time.perf_counter()
-        loss = trainer.train_step(batch)
-        float(loss)  # waits for the device
-        t2 = time.perf_counter()
-        waits.append(t1 - t0)
-        computes.append(t2 - t1)
-    total = time.perf_counter() - begin
-    peak, peak_kind = _peak_mb(device)
+    timing = timed_loop(trainer.train_step, device, args.iterations, args.warmup, fetch=lambda: next(trainer.train_loader))
     return {
         "patch_size": list(trainer.patch_size),
         "batch_size": trainer.batch_size,
         "spacing_zyx": list(conf.spacing_zyx),
         "parameters": count_parameters(trainer.network),
-        "warmup_s": warmup_s,
-        "s_per_iteration": total / args.iterations,
-        "iterations_per_s": args.iterations / total,
-        "compute_s_per_iteration": statistics.median(computes),
-        "data_wait_s_per_iteration": statistics.mean(waits),
-        "peak_memory_mb": peak,
-        "peak_memory_kind": peak_kind,
+        **timing,
     }
 
 
@@ -201,7 +148,10 @@ def nnunet_default_network(patch_size, spacing_zyx, in_channels: int = 2, num_cl
     return network, [int(p) for p in patch], strides
 
 
-def time_nnunet(patch_size, batch_size: int, spacing_zyx, device: torch.device, args) -> dict:
+def nnunet_train_step(patch_size, batch_size: int, spacing_zyx, device: torch.device, compile_on: bool):
+    """(step, description): one ``nnUNetTrainer.train_step`` of nnU-Net's default network at this patch
+    and batch on a fixed batch already on the device (fp16 autocast and GradScaler on CUDA, as
+    nnU-Net trains; float32 on the CPU), and what was built."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -209,7 +159,6 @@ def time_nnunet(patch_size, batch_size: int, spacing_zyx, device: torch.device, 
     torch.manual_seed(0)
     network, patch, strides = nnunet_default_network(patch_size, spacing_zyx)
     network = network.to(device)
-    compile_on = args.nnunet_compile == "on" or (args.nnunet_compile == "auto" and device.type == "cuda")
     scales = [list(s) for s in 1 / np.cumprod(np.vstack(strides), axis=0)][:-1]
     weights = np.array([1 / 2**i for i in range(len(scales))])
     weights[-1] = 0
@@ -249,37 +198,26 @@ def time_nnunet(patch_size, batch_size: int, spacing_zyx, device: torch.device, 
             optimizer.step()
         return value.detach()
 
-    n_params = sum(p.numel() for p in network.parameters() if p.requires_grad)
-    print(f"nnU-Net: PlainConvUNet {len(strides)} stages ({n_params / 1e6:.2f} M parameters), patch {patch}, "
-          f"batch {batch_size}, strides {[list(s) for s in strides]}, "
-          f"AMP {'fp16 + GradScaler' if device.type == 'cuda' else 'off'}, compile {compile_on}")
     network.train()
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    warmup_s = time.perf_counter() - started
-    _reset_peak(device)
-    times = []
-    begin = time.perf_counter()
-    for _ in range(args.iterations):
-        t0 = time.perf_counter()
-        float(step())
-        times.append(time.perf_counter() - t0)
-    total = time.perf_counter() - begin
-    peak, peak_kind = _peak_mb(device)
-    return {
+    n_params = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    return step, {
         "patch_size": patch,
         "batch_size": batch_size,
         "parameters": n_params,
+        "strides": [list(s) for s in strides],
+        "amp": "fp16 + GradScaler" if device.type == "cuda" else "off",
         "compile": compile_on,
-        "warmup_s": warmup_s,
-        "s_per_iteration": total / args.iterations,
-        "iterations_per_s": args.iterations / total,
-        "compute_s_per_iteration": statistics.median(times),
-        "peak_memory_mb": peak,
-        "peak_memory_kind": peak_kind,
     }
+
+
+def time_nnunet(patch_size, batch_size: int, spacing_zyx, device: torch.device, args) -> dict:
+    compile_on = args.nnunet_compile == "on" or (args.nnunet_compile == "auto" and device.type == "cuda")
+    step, info = nnunet_train_step(patch_size, batch_size, spacing_zyx, device, compile_on)
+    print(f"nnU-Net: PlainConvUNet {len(info['strides'])} stages ({info['parameters'] / 1e6:.2f} M parameters), "
+          f"patch {info['patch_size']}, batch {batch_size}, strides {info['strides']}, AMP {info['amp']}, "
+          f"compile {compile_on}")
+    timing = timed_loop(lambda _: step(), device, args.iterations, args.warmup)
+    return {**info, **timing}
 
 
 # --------------------------------------------------------------------------- main
