@@ -62,7 +62,9 @@ iteration would take ``budget.cpu_seconds_per_iteration`` on ``budget.cpu_cores`
 **2d** (``plan_2d``, for the cascades). Coronal slices (``slice_axis = 1``, the y axis), so the
 patch is a (z, x) pair at the 3d target spacing; ``data_identifier`` is the 3d data folder, so the
 data is preprocessed once. The patch grows to the whole median coronal slice if it fits, then the
-batch fills the budget (at most ``max_batch_size_2d``).
+batch fills the budget (at most ``max_batch_size_2d``). ``2d_coronal`` (the L2SNet localizer's
+configuration) is planned exactly as ``2d``, under its own name: ``2d`` stays for the plans and
+models made with it.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ IN_CHANNELS = 2  # PET, CT
 OUT_CHANNELS = 2  # background, lesion
 GB = 1024**3
 CORONAL_AXIS = 1  # y in (z, y, x)
-KNOWN_CONFIGURATIONS = ("3d_fullres", "2d")
+KNOWN_CONFIGURATIONS = ("3d_fullres", "2d", "2d_coronal")
 
 
 @dataclass
@@ -515,13 +517,14 @@ def plan_3d_fullres(fingerprint: Fingerprint, budget: ComputeBudget, spacing_zyx
     )
 
 
-def plan_2d(fingerprint: Fingerprint, budget: ComputeBudget, spacing_zyx: list[float], settings: PlannerSettings) -> ConfigurationPlan:
+def plan_2d(fingerprint: Fingerprint, budget: ComputeBudget, spacing_zyx: list[float], settings: PlannerSettings,
+            name: str = "2d") -> ConfigurationPlan:
     """Coronal slices of the 3d data: patch (z, x), ``slice_axis = 1``."""
     shapes = resampled_shapes(fingerprint, spacing_zyx)
     in_plane = [a for a in range(3) if a != CORONAL_AXIS]
     median = _median_shape(shapes)
     return _plan_configuration(
-        "2d",
+        name,
         "3d_fullres",  # the same cache as 3d_fullres: same spacing, the slices are cut at load time
         spacing_zyx,
         [spacing_zyx[a] for a in in_plane],
@@ -544,7 +547,7 @@ def plan_experiment(
     settings: PlannerSettings | None = None,
     target_spacing_zyx: list[float] | None = None,
 ) -> Plans:
-    """Plans for ``configurations`` (``3d_fullres``, ``2d``) sized for ``budget``.
+    """Plans for ``configurations`` (``3d_fullres``, ``2d``, ``2d_coronal``) sized for ``budget``.
 
     ``target_spacing_zyx`` replaces the planned spacing (to add a configuration to plans whose
     spacing was chosen, or edited, before). Deterministic: the same inputs give the same plans.
@@ -560,7 +563,8 @@ def plan_experiment(
             raise ValueError(f"target_spacing_zyx must be 3 positive numbers, got {target_spacing_zyx}")
     else:
         spacing = target_spacing(fingerprint, settings)
-    planners = {"3d_fullres": plan_3d_fullres, "2d": plan_2d}
+    planners = {"3d_fullres": plan_3d_fullres, "2d": plan_2d,
+                "2d_coronal": lambda *args: plan_2d(*args, name="2d_coronal")}
     planned = {name: planners[name](fingerprint, budget, spacing, settings) for name in configurations}
     for name, conf in planned.items():
         logger.info(

@@ -85,6 +85,19 @@ class TrainerConfig:
     num_workers: int | None = None
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the variant's loss
+    # Read by the variants that use them (the L2SNet trainers, ``l2s.py``); the others ignore them.
+    # The schedule's factor held constant within each epoch (L2SNet: poly decay "in each epoch").
+    schedule_per_epoch: bool = False
+    # 2D stages: the array axis slices are cut across (None: the configuration's ``slice_axis``; another
+    # axis needs ``patch_size`` for its plane) and the slices on each side of the centre one that are
+    # read as extra channels (2 = 5 slices, L2SNet's released code).
+    slice_axis: int | None = None
+    slice_neighbours: int = 0
+    # Keyword options of the variant's network (merged over the variant's own).
+    network_options: dict[str, Any] = field(default_factory=dict)
+    # Intensity windows the network applies to its input: image channel ("PET" in SUV, "CT" in HU) ->
+    # [low, high, to_low, to_high]: clipped to [low, high], mapped linearly onto [to_low, to_high].
+    input_windows: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,3 +141,11 @@ class TrainerConfig:
             raise ValueError("num_workers must be >= 0")
         if self.output_prior is not None and not 0.0 < self.output_prior < 0.5:
             raise ValueError(f"output_prior must be in (0, 0.5), got {self.output_prior}")
+        if self.slice_axis is not None and self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1, 2 or None, got {self.slice_axis!r}")
+        if self.slice_neighbours < 0:
+            raise ValueError(f"slice_neighbours must be >= 0, got {self.slice_neighbours}")
+        for channel, window in self.input_windows.items():
+            if len(window) != 4 or not window[0] < window[1]:
+                raise ValueError(f"input_windows[{channel!r}] must be [low, high, to_low, to_high] with low < high, "
+                                 f"got {window!r}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from autopetseg.training.l2s import L2S_TRAINERS
 from autopetseg.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ TRAINERS: dict[str, type[Trainer]] = {
     "l1dfl": L1DFLTrainer,
     "dice": DiceTrainer,
     "dicefocal": DiceFocalTrainer,
+    **L2S_TRAINERS,  # l2s_localizer, l2s_segmenter: the stages of cascade_l2s
 }
 
 

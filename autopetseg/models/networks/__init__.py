@@ -10,6 +10,7 @@ from torch import nn
 
 from autopetseg.planning.plans import NetworkTopology
 from autopetseg.models.networks.attention_unet import AttentionUNet, AttentionUNetOptions
+from autopetseg.models.networks.l2s import L2SLocalizerUNet, L2SUNet3D
 from autopetseg.models.networks.resunet import ResidualUNet, ResidualUNetOptions
 from autopetseg.models.networks.segresnet import SegResNet, SegResNetOptions
 
@@ -18,6 +19,8 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "resunet": ResidualUNet,  # GDFL paper
     "attention_unet": AttentionUNet,  # L1DFL paper
     "segresnet": SegResNet,  # L1DFL paper
+    "l2s_localizer": L2SLocalizerUNet,  # L2SNet paper, 2D localizer
+    "l2s_unet3d": L2SUNet3D,  # L2SNet paper, 3D segmenter
 }
 
 
@@ -45,4 +48,6 @@ __all__ = [
     "AttentionUNetOptions",
     "SegResNet",
     "SegResNetOptions",
+    "L2SLocalizerUNet",
+    "L2SUNet3D",
 ]
