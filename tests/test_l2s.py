@@ -367,8 +367,8 @@ def test_the_trainers_follow_the_paper(tmp_path, cache):
 # ----------------------------------------------------------------------------- the trained cascade
 
 # Short CPU runs: Adam (the paper's SGD at 1e-3 needs far more than 40 iterations), starting at 1% lesion
-# probability, half the patches on lesions; a segmenter of 3 levels and 8 filters (the paper's 4 and 16 cost
-# about 4 s per iteration on 2 busy cores).
+# probability, half the patches on lesions; a segmenter of 3 levels and 8 filters (the paper's 4 and 16, with
+# full-resolution convolutions, cost several times as much per iteration).
 FAST = dict(iterations_per_epoch=10, optimizer="adam", learning_rate=3e-3, output_prior=0.01, foreground_share=0.5,
             num_workers=0)
 TINY_SEGMENTER = {"levels": 3, "base_features": 8, "norm": "layer"}
