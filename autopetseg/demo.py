@@ -38,6 +38,12 @@ class DemoSettings:
     device: str = "cpu"
     num_processes: int = 2
     seed: int = 0
+    # Wall-clock seconds of the whole demo (None: train the fixed epochs x iterations). Each fold gets
+    # the time the stages before it left, less ``after_training_s`` for predicting, scoring and the
+    # pictures, shared equally by the folds still to train; ``train --time-budget`` fits its schedule
+    # to that (``epochs`` x ``iterations_per_epoch`` stays the most a fold trains).
+    time_budget_s: float | None = 12 * 60
+    after_training_s: float = 60.0
     # TrainerConfig fields. None: start from "all background" (focal-loss prior, output_prior 0.01)
     # because the short CPU schedule otherwise spends its first ~60 iterations unlearning the initial
     # 50% lesion output (measured on tiny phantoms); not for a trainer whose loss that start traps
@@ -73,6 +79,7 @@ def run_demo(work_dir: str | Path = "autopetseg_demo", settings: DemoSettings | 
     from autopetseg.training.run import resolve_method, run_training
 
     s = settings or DemoSettings()
+    started = time.time()
     work = Path(work_dir)
     raw, test_dir = work / "raw" / DATASET, work / "held_out"
     prep, results = work / "preprocessed", work / "results"
@@ -94,12 +101,16 @@ def run_demo(work_dir: str | Path = "autopetseg_demo", settings: DemoSettings | 
                                                                  num_processes=s.num_processes))
     stage("plan_and_preprocess", lambda: plan_and_preprocess(
         raw, budget=ComputeBudget(device="cpu"), num_processes=s.num_processes, preprocessed_root=prep))
-    for fold in s.folds:
-        stage(f"train fold {fold}", lambda fold=fold: run_training(
+    for index, fold in enumerate(s.folds):
+        budget = None
+        if s.time_budget_s is not None:  # what is left for training, shared by the folds still to train
+            left = started + s.time_budget_s - s.after_training_s - time.time()
+            budget = max(left / (len(s.folds) - index), 1.0)
+        stage(f"train fold {fold}", lambda fold=fold, budget=budget: run_training(
             DATASET, fold, s.trainer, preprocessed_root=prep, results_root=results, device=s.device,
             epochs=s.epochs, iterations_per_epoch=s.iterations_per_epoch, continue_training=_has_checkpoint(
                 trained_model_dir(results, DATASET, resolve_method(s.trainer)) / f"fold_{fold}"),
-            seed=s.seed, **s.resolved_training_overrides()))
+            seed=s.seed, time_budget_s=budget, **s.resolved_training_overrides()))
     model = trained_model_dir(results, DATASET, resolve_method(s.trainer))
     stage("predict", lambda: predict_folder(test_dir, pred_dir, model, PredictorSettings(
         folds=list(s.folds), ensemble=s.ensemble, device=s.device, png=True)))

@@ -7,6 +7,8 @@ choices. Modules that take one of these names call it where the name enters (a c
 
 from __future__ import annotations
 
+import re
+
 OPTIONS: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "poly", "constant"),
@@ -18,6 +20,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "strategy": ("sliding_window", "slices", "whole_image"),
     "stage_inputs": ("in_fold", "out_of_fold"),
     "selection_mode": ("max", "min"),
+    "ensemble_space": ("probabilities", "logits"),
+    "blending": ("gaussian", "constant"),
 }
 
 
@@ -27,3 +31,20 @@ def check_option(kind: str, value: str) -> str:
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
     return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|m|s)", re.IGNORECASE)
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``20m``, ``1h30m``, ``90s`` or ``1.5h`` (a unit is required);
+    ``ValueError`` otherwise (argparse shows its message as the one-line error)."""
+    compact = str(text).strip().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not compact or "".join(n + u for n, u in parts).lower() != compact.lower():
+        raise ValueError(f"a duration such as 20m, 1h30m or 900s is expected, got {text!r}")
+    seconds = sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in parts)
+    if not seconds > 0:
+        raise ValueError(f"the duration must be positive, got {text!r}")
+    return seconds

@@ -189,14 +189,18 @@ def test_missing_channel_is_listed_and_raises_on_load(tmp_path):
     assert "no_ct" in str(info.value) and str(tmp_path) in str(info.value)
 
 
-def test_duplicate_channel_files_are_an_error(tmp_path):
+def test_duplicate_channel_files_are_an_error_of_that_case(tmp_path):
+    """Issue #17: a second file for one channel makes that case bad, not the whole folder."""
     paths = write_flat_case(tmp_path, "a")
+    write_flat_case(tmp_path, "b")
     (tmp_path / "a_PET.mha").write_bytes(b"")  # a second PET for the same case
 
+    by_id = discover(tmp_path).by_id()
+    assert load_case(by_id["b"]).pet.shape
     with pytest.raises(InputError, match="two files for the pet") as info:
-        discover(tmp_path)
+        load_case(by_id["a"])
     assert info.value.case == "a"
-    assert str(paths["pet"]) in str(info.value)
+    assert str(paths["pet"]) in str(info.value) and "a_PET.mha" in str(info.value)
 
 
 def test_autopet_case_id_collision_is_an_error(tmp_path):

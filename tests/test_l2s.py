@@ -27,13 +27,14 @@ from _cache_helpers import DATASET, tiny_plans, write_tiny_cache
 from torch import nn
 
 from autopetseg.data.imageio import Geometry
-from autopetseg.inference.combine import COMBINERS, StageOutput
+from autopetseg.inference.combine import COMBINERS, StageOutput, combine_l2s_adaptive, l2s_cue_region
 from autopetseg.inference.predictor import Predictor, PredictorSettings
 from autopetseg.models.adaptive_threshold import AdaptiveThreshold, ComponentRules, L2SSettings
 from autopetseg.models.folders import read_record
 from autopetseg.models.methods import METHODS, MethodSpec, OutputSpec, StrategySpec
 from autopetseg.models.networks import build_network, count_parameters
 from autopetseg.models.networks.l2s import InputWindows, segmenter_topology
+from autopetseg.models.sliding_window import SlidingWindowStats
 from autopetseg.models.strategies import run_strategy
 from autopetseg.planning.plans import NetworkTopology
 from autopetseg.preprocessing.preprocessor import map_between_caches
@@ -282,6 +283,86 @@ def test_component_rules_on_hand_made_arrays():
     np.testing.assert_array_equal(COMBINERS["l2s_adaptive"](spec, outputs).lesion_probability, out)
 
 
+# ----------------------------------------------------------------------------- the localizer only where its cue is read
+
+
+def test_the_cue_region_holds_the_voxels_between_the_thresholds_and_their_neighbours():
+    p = np.zeros((6, 5, 5), np.float32)
+    p[2, 2, 2] = 0.3  # between the thresholds
+    p[1:4, 4, 4] = 0.9  # a confident run along z: its middle voxel is above 0.5 whatever its neighbours
+    p[5, 0, 0] = 0.05  # below both thresholds
+    exact = L2SSettings().cue_region(p, (False, False, False))
+    assert exact.sum() == 1 and exact[2, 2, 2]  # no interpolation between cache voxels: the voxel itself
+    along_z = L2SSettings().cue_region(p, (True, False, False))
+    expected = np.zeros_like(exact)
+    expected[1:4, 2, 2] = True  # the 0.3 voxel and its z neighbours
+    expected[[0, 1, 3, 4], 4, 4] = True  # the confident run's ends (next to a voxel <= 0.5), the voxels past them
+    np.testing.assert_array_equal(along_z, expected)
+    components = L2SSettings(components=ComponentRules(enabled=True)).cue_region(p, (True, False, False))
+    assert components[0:5, 4, 4].all()  # the rules read the cue on whole components: the middle too
+    plain = L2SSettings(AdaptiveThreshold(low=0.5, high=0.5))
+    assert not plain.cue_region(p).any()  # one threshold: the cue never matters
+
+
+@pytest.mark.parametrize("pet_spacing", [(4.0, 4.0, 4.0), (2.0, 4.0, 4.0), (2.0, 2.0, 2.0), (3.0, 2.5, 2.5)])
+def test_the_cue_outside_its_region_never_changes_the_mask(pet_spacing):
+    # The PET grid of a case, its cache grid at 4 mm; masks made as the predictor makes them.
+    shape = tuple(int(round(40 / s)) for s in pet_spacing)
+    geometry = Geometry(shape, pet_spacing, (-7.0, 3.0, 11.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    props = _properties(geometry, [[1, s - 1] for s in shape], [4.0, 4.0, 4.0])
+    grid = tuple(props["shape_after_resample_zyx"])
+    fake = SimpleNamespace(settings=SimpleNamespace(save_probabilities=False))
+    rng = np.random.default_rng(0)
+    for notes in ({}, {"components": {"enabled": True, "min_voxels": 2}}):
+        settings = L2SSettings.from_notes(notes)
+        method = MethodSpec(CASCADE.name, CASCADE.stages, CASCADE.combine, notes)
+        for _ in range(5):
+            # mostly 0, a few scattered voxels below, between and above the thresholds
+            probability = np.where(rng.random(grid) < 0.02, rng.random(grid), 0.0).astype(np.float32)
+            cue = rng.random(grid).astype(np.float32)
+            outputs = {"localizer": StageOutput(cue[None], props, SIGMOID),
+                       "segmenter": StageOutput(probability[None], props, SIGMOID)}
+            region = l2s_cue_region(method, outputs, "localizer", props)
+            assert region is not None and 0 < region.sum() < region.size
+            outside = {"localizer": StageOutput(np.where(region, cue, 1 - cue)[None], props, SIGMOID),
+                       "segmenter": outputs["segmenter"]}
+            masks = [Predictor.to_original(fake, c.lesion_probability, c.properties, c.threshold)[0]
+                     for c in (combine_l2s_adaptive(method, o) for o in (outputs, outside))]
+            np.testing.assert_array_equal(masks[0], masks[1])
+            if pet_spacing == (2.0, 2.0, 2.0) and not notes:
+                # The neighbours are needed: the voxels between the thresholds alone are not enough.
+                bare = settings.cue_region(probability, (False, False, False))
+                changed = combine_l2s_adaptive(method, {**outside, "localizer": StageOutput(
+                    np.where(bare, cue, 1 - cue)[None], props, SIGMOID)})
+                assert not np.array_equal(masks[0], Predictor.to_original(fake, changed.lesion_probability,
+                                                                          props, changed.threshold)[0])
+
+
+def test_slices_run_only_where_a_region_asks_and_batches_do_not_change_them():
+    rng = np.random.default_rng(1)
+    image = np.zeros((2, 12, 10, 14), np.float32)
+    image[:, 1:11, 1:9, 1:13] = rng.random((2, 10, 8, 12)) * 8
+    strategy = StrategySpec("slices", axis=1, neighbours=2)
+    full = run_strategy(strategy, [_SliceReader(2)], image, [12, 14], output=SIGMOID, divisor=4)["probabilities"]
+    region = np.zeros((12, 10, 14), bool)
+    region[5, 3, 7] = region[0, 6, 0] = True  # coronal slices 3 and 6
+    stats = SlidingWindowStats()
+    part = run_strategy(strategy, [_SliceReader(2)], image, [12, 14], output=SIGMOID, divisor=4, region=region,
+                        stats=stats)["probabilities"]
+    assert (stats.n_windows, stats.n_skipped, stats.n_forward_calls) == (10, 8, 1)
+    torch.testing.assert_close(part[:, :, [3, 6]], full[:, :, [3, 6]], rtol=0, atol=0)
+    assert not part[:, :, [0, 1, 2, 4, 5, 7, 8, 9]].any()
+    for pixels in (1, 12 * 16 * 3, 10**6):  # one slice per pass (the batch size 2 wins), 3, all
+        stats = SlidingWindowStats()
+        batched = run_strategy(strategy, [_SliceReader(2)], image, [12, 14], output=SIGMOID, divisor=4,
+                               slice_batch_pixels=pixels, stats=stats)["probabilities"]
+        torch.testing.assert_close(batched, full, rtol=0, atol=0)
+        assert stats.n_forward_calls == {1: 4, 12 * 16 * 3: 3, 10**6: 1}[pixels]
+    with pytest.raises(ValueError, match="slices strategy only"):
+        run_strategy(StrategySpec("sliding_window"), [_SliceReader(2)], image, [8, 8, 8], output=SIGMOID,
+                     region=region)
+
+
 # ----------------------------------------------------------------------------- planner and trainers
 
 
@@ -453,3 +534,42 @@ def test_each_stage_ensemble_is_averaged_before_the_cue_and_the_threshold(traine
     combined = COMBINERS["l2s_adaptive"](CASCADE, both)
     mean_cue = (one["localizer"].lesion_probability() + two["localizer"].lesion_probability()) / 2
     np.testing.assert_array_equal(combined.threshold, AdaptiveThreshold().map(map_between_caches(mean_cue, props, props)))
+
+
+@pytest.mark.slow
+def test_predict_runs_the_localizer_after_the_segmenter_where_its_cue_is_read_with_the_same_masks(
+        trained, tmp_path, cache, monkeypatch):
+    import autopetseg.inference.combine as combine
+    from autopetseg.data.discovery import discover
+    from autopetseg.data.imageio import write_image
+
+    # Raw cases from the cache (PET in SUV, CT back in HU): on the cache's 4 mm grid, and at 2 mm along z.
+    data = np.load(cache / DATASET / "3d_fullres" / "case_005.npy")
+    for name, repeat in (("same", 1), ("finer", 2)):
+        spacing = (4.0 / repeat, 4.0, 4.0)
+        geometry = Geometry((32 * repeat, 32, 32), spacing, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+        pet, ct = (np.repeat(c, repeat, axis=0) for c in (data[0], data[1] * 2048.0 - 1024.0))
+        write_image(tmp_path / "raw" / f"{name}_pet.nii.gz", pet.astype(np.float32), geometry)
+        write_image(tmp_path / "raw" / f"{name}_ct.nii.gz", ct.astype(np.float32), geometry)
+    found = discover(tmp_path / "raw")
+    records = found.cases if hasattr(found, "cases") else found
+    predictor = Predictor(trained.model, PredictorSettings(device="cpu", folds=[0], save_probabilities=True))
+    notes = {"adaptive_threshold": {"low": 0.02, "high": 0.5}}  # a wide band: the cue decides on many voxels
+    predictor.model = dataclasses.replace(predictor.model, method=dataclasses.replace(CASCADE, notes=notes))
+    rule = combine.READ_REGIONS["l2s_adaptive"]
+    for record in records:
+        case, prepared = predictor.load(record)
+        # 2d_coronal shares 3d_fullres's cache: one array, preprocessed once
+        assert prepared[0][0] is prepared[1][0] and prepared[0][1]["configuration"] == "2d_coronal"
+        monkeypatch.setitem(combine.READ_REGIONS, "l2s_adaptive", lambda *args: None)  # the whole cue
+        whole = predictor.predict_loaded(case, prepared)
+        monkeypatch.setitem(combine.READ_REGIONS, "l2s_adaptive", rule)
+        part = predictor.predict_loaded(case, prepared)
+        np.testing.assert_array_equal(part.mask, whole.mask)
+        np.testing.assert_array_equal(part.lesion_probability, whole.lesion_probability)
+        assert part.windows.n_skipped > whole.windows.n_skipped  # coronal slices without a cue to read
+        plain = dataclasses.replace(CASCADE, notes={"adaptive_threshold": {"low": 0.5, "high": 0.5}})
+        assert whole.mask.sum() > Predictor.to_original(
+            SimpleNamespace(settings=predictor.settings),
+            *(lambda c: (c.lesion_probability, c.properties, c.threshold))(
+                COMBINERS["l2s_adaptive"](plain, predictor.stage_outputs(prepared, SlidingWindowStats()))))[0].sum()

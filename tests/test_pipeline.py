@@ -188,7 +188,8 @@ def test_a_new_configuration_is_added_beside_the_kept_ones(raw, tmp_path):
     first = Plans.load(out / "plans.json")
     result = run(raw, tmp_path / "pp", configurations=("2d",))
     plans = Plans.load(out / "plans.json")
-    assert set(plans.configurations) == {"3d_fullres", "2d"}
+    # 3d_fullres is sized for every network the planner knows (the variants share its cache)
+    assert set(plans.configurations) == {"3d_fullres", "3d_fullres_attention_unet", "3d_fullres_segresnet", "2d"}
     assert plans.configuration("3d_fullres") == first.configuration("3d_fullres")
     assert plans.configuration("2d").spacing_zyx == first.configuration("3d_fullres").spacing_zyx
     assert result.plans == plans
@@ -223,7 +224,7 @@ def test_cli_exit_codes(raw, tmp_path, capsys):
     assert main([*args, "-np", "2"]) == 1  # bad case: listed, the good ones finished
     captured = capsys.readouterr()
     assert "zbad" in captured.err and "label values must be 0 and 1" in captured.err
-    assert "3d_fullres: spacing" in captured.out
+    assert "3d_fullres: resunet, spacing" in captured.out
     out = tmp_path / "pp" / "Dataset042_Tiny"
     assert all((out / "3d_fullres" / f"{c}.json").is_file() for c in GOOD)
     # Two processes measure what one process measures (seeded per case).

@@ -102,9 +102,11 @@ def test_ensemble_weights_follow_the_validation_dsc_with_a_fallback(caplog):
     assert ensemble_weights([0.6, 0.2], "dice_weighted") == pytest.approx([0.75, 0.25])
     with caplog.at_level(logging.WARNING):
         weights = ensemble_weights([0.6, 0.2, None, 0.0], "dice_weighted", ["f0", "f1", "f2", "f3"])
-    # folds without a usable DSC count as average folds: (0.6 + 0.2) / 2 = 0.4 each
-    assert weights == pytest.approx([0.6 / 1.6, 0.2 / 1.6, 0.4 / 1.6, 0.4 / 1.6])
-    assert "f2" in caplog.text and "f3" in caplog.text
+    # a fold without a DSC counts as an average fold ((0.6 + 0.2 + 0) / 3); a DSC of 0 is weight 0
+    mean = 0.8 / 3
+    assert weights == pytest.approx([0.6 / (0.8 + mean), 0.2 / (0.8 + mean), mean / (0.8 + mean), 0.0])
+    assert "f2" in caplog.text and "f3" not in caplog.text
+    assert ensemble_weights([0.5, 0.0], "dice_weighted") == pytest.approx([1.0, 0.0])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert ensemble_weights([None, float("nan")], "dice_weighted") == pytest.approx([0.5, 0.5])

@@ -86,6 +86,48 @@ def test_ensemble_weights_average_the_networks_probabilities():
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_ensembles_average_logits_when_asked():
+    """Three folds with lesion logits 5, -1 and -1.5 (background 0): 0.41 by probabilities, 0.51 by logits."""
+
+    class ConstantNet(nn.Module):
+        def __init__(self, lesion: float):
+            super().__init__()
+            self.lesion = nn.Parameter(torch.tensor(lesion))
+
+        def forward(self, x):
+            return torch.stack([torch.zeros_like(x[:, 0]), torch.zeros_like(x[:, 0]) + self.lesion], dim=1)
+
+    nets = [ConstantNet(5.0), ConstantNet(-1.0), ConstantNet(-1.5)]
+    image = _random_image((8, 8, 8))
+    by_probs = sliding_window_predict(nets, image, (8, 8, 8), skip_empty=False)[1]
+    by_logits = sliding_window_predict(nets, image, (8, 8, 8), skip_empty=False, ensemble_space="logits")[1]
+    sig = torch.sigmoid(torch.tensor([5.0, -1.0, -1.5]))
+    assert float(by_probs.mean()) == pytest.approx(float(sig.mean()), abs=1e-6)
+    assert float(by_logits.mean()) == pytest.approx(float(torch.sigmoid(torch.tensor(2.5 / 3))), abs=1e-6)
+    assert abs(float(by_probs.mean()) - float(by_logits.mean())) > 0.05
+
+
+def test_constant_blending_weighs_overlapping_windows_equally():
+    class PositionNet(nn.Module):  # logits that depend on the position inside the window
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            ramp = torch.linspace(-3, 3, x.shape[2]).view(1, -1, 1, 1).expand(x.shape[0], -1, x.shape[3], x.shape[4])
+            return torch.stack([torch.zeros_like(ramp), ramp], dim=1) + self.anchor
+
+    image = _random_image((24, 8, 8))
+    gaussian = sliding_window_predict(PositionNet(), image, (16, 8, 8), skip_empty=False)[1]
+    constant = sliding_window_predict(PositionNet(), image, (16, 8, 8), skip_empty=False, blending="constant")[1]
+    ramp = torch.sigmoid(torch.linspace(-3, 3, 16))
+    # z = 8..15 is covered by the windows starting at 0 and 8: constant weights give the plain mean.
+    torch.testing.assert_close(constant[8:16, 0, 0], (ramp[8:16] + ramp[0:8]) / 2)
+    assert not torch.allclose(gaussian[8:16, 0, 0], constant[8:16, 0, 0])
+    with pytest.raises(ValueError, match="blending"):
+        sliding_window_predict(PositionNet(), image, (16, 8, 8), blending="linear")
+
+
 def test_air_windows_are_skipped_and_get_background_probability_one():
     shape, patch = (48, 48, 48), (16, 16, 16)
     image = torch.zeros((2,) + shape)

@@ -282,10 +282,21 @@ def test_output_prior_starts_training_from_background(cache, tmp_path):
     softmax_plain, _ = lesion_probability()
     softmax_prior, sigmoid_prior = lesion_probability(output_prior=0.01)
     assert 0.1 < float(softmax_plain.mean()) < 0.9  # PyTorch's initialisation: undecided
-    assert float(softmax_prior.max()) < 0.01  # the prior: background everywhere
-    # Per-channel sigmoids (what the focal term sees) start near 1 - p for background and p for lesion.
-    assert float(sigmoid_prior[0].median()) == pytest.approx(0.99, abs=0.02)
-    assert float(sigmoid_prior[1].median()) == pytest.approx(0.01, abs=0.02)
+    # The prior: a softmax lesion probability of 0.01 (not 0.01² = 0.0001), the weights' noise around it.
+    assert float(softmax_prior.median()) == pytest.approx(0.01, abs=0.005)
+    assert float(softmax_prior.quantile(0.9)) < 0.02
+    assert float(sigmoid_prior[1].median()) == pytest.approx(0.01, abs=0.005)  # the lesion channel's sigmoid
+
+
+@pytest.mark.parametrize("prior", [0.01, 0.001, 0.3])
+def test_output_prior_bias_gives_the_softmax_probability_exactly(cache, tmp_path, prior):
+    trainer = prepare_trainer(cache / DATASET, 0, "gdfl", preprocessed_root=cache, results_root=tmp_path,
+                              device="cpu", num_workers=0, output_prior=prior)
+    trainer.setup()
+    bias = [m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)
+            and m.out_channels == 2 and m.bias is not None]
+    lesion = torch.softmax(bias[-1].bias.detach(), dim=0)[1]
+    assert float(lesion) == pytest.approx(prior, abs=1e-3 * prior)
 
 
 def test_output_prior_of_a_one_channel_sigmoid_model_is_the_lesion_probability(cache, tmp_path, monkeypatch):

@@ -10,15 +10,14 @@ Whole-body PET/CT is mostly air: the crop is typically a fifth of the PET grid. 
 pass crops every case once and saves it (``save_cropped``) under
 ``<preprocessed>/<Dataset>/cropped/`` (format in ``docs/ARCHITECTURE.md``); preprocessing then
 reads the crops (``read_cropped``) instead of decompressing and resampling the raw files a second
-time. An entry records the size and modification time of its source files and the body-mask
-settings it was made with: when either differs it is stale, and the case is read from the raw
-files again.
+time. An entry records what its source files were (``data.provenance``: size, modification time,
+a cheap content hash) and the body-mask settings it was made with: when either differs it is
+stale, and the case is read from the raw files again.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,13 +25,14 @@ import numpy as np
 
 from autopetseg.data.imageio import Geometry
 from autopetseg.data.loading import BODY_HU, LoadedCase, box_geometry, load_case
+from autopetseg.data.provenance import case_sources, changed_sources
 from autopetseg.data.records import CaseRecord
 from autopetseg.io_utils import read_json, save_npy, write_json
 from autopetseg.data.body import BodyMaskSettings, bbox_slices, body_bbox, body_mask_in_region, union_bbox
 
 log = logging.getLogger(__name__)
 
-CROPPED_VERSION = 1
+CROPPED_VERSION = 2  # 2: sources stamped by data.provenance
 CROPPED_FOLDER = "cropped"
 CROPPED_FILE_SUFFIXES = (".npy", "_seg.npy", "_body.npy", ".json")
 
@@ -48,6 +48,7 @@ class CroppedCase:
     ct: np.ndarray  # float32 HU
     label: np.ndarray | None  # uint8 {0, 1}; None: no label
     body: np.ndarray  # bool body mask (all of it lies inside the box)
+    sources: dict | None = None  # ``data.provenance.case_sources`` of the files it was read from
 
     @property
     def crop_geometry(self) -> Geometry:
@@ -109,8 +110,11 @@ def crop_case(case: LoadedCase, settings: BodyMaskSettings = BodyMaskSettings())
 
 def load_cropped_case(record: CaseRecord, with_label: bool = True,
                       settings: BodyMaskSettings = BodyMaskSettings()) -> CroppedCase:
-    """``load_case`` (every input check) then ``crop_case``."""
-    return crop_case(load_case(record, with_label=with_label), settings)
+    """``load_case`` (every input check) then ``crop_case``; ``sources`` stamped before reading."""
+    sources = case_sources(record)
+    case = crop_case(load_case(record, with_label=with_label), settings)
+    case.sources = sources
+    return case
 
 
 # --------------------------------------------------------------------------- the cropped stage
@@ -124,19 +128,6 @@ def cropped_files(folder: Path, case_id: str) -> dict[str, Path]:
         "body": folder / f"{case_id}_body.npy",
         "properties": folder / f"{case_id}.json",
     }
-
-
-def source_stamps(record: CaseRecord) -> dict[str, list | None]:
-    """Path, size and modification time (ns) of each source file: a change makes the entry stale."""
-    stamps: dict[str, list | None] = {}
-    for role in ("pet", "ct", "label"):
-        path = getattr(record, role)
-        if path is None:
-            stamps[role] = None
-            continue
-        stat = os.stat(path)
-        stamps[role] = [str(path), int(stat.st_size), int(stat.st_mtime_ns)]
-    return stamps
 
 
 def save_cropped(folder: Path, record: CaseRecord, case: CroppedCase, settings: BodyMaskSettings) -> None:
@@ -161,7 +152,7 @@ def save_cropped(folder: Path, record: CaseRecord, case: CroppedCase, settings: 
         "has_label": case.label is not None,
         "body_voxels": case.body_voxels,
         "body_settings": asdict(settings),
-        "sources": source_stamps(record),
+        "sources": case.sources if case.sources is not None else case_sources(record),
     })
 
 
@@ -174,7 +165,7 @@ def read_cropped(folder: Path, record: CaseRecord, settings: BodyMaskSettings | 
         props = read_json(files["properties"])
         if (
             props.get("version") != CROPPED_VERSION
-            or props.get("sources") != source_stamps(record)
+            or changed_sources(record, props.get("sources"))
             or (settings is not None and props.get("body_settings") != asdict(settings))
         ):
             return None
@@ -196,4 +187,5 @@ def read_cropped(folder: Path, record: CaseRecord, settings: BodyMaskSettings | 
         ct=data[1],
         label=label,
         body=body,
+        sources=props["sources"],  # just checked: still what the files are
     )

@@ -101,13 +101,17 @@ def _no_cases(root: Path, detail: str) -> InputError:
 
 
 def _put(records: dict[str, CaseRecord], case_id: str, attr: str, path: Path, **extra) -> None:
-    """Set one file of a case, refusing a second file for the same case and role."""
+    """Set one file of a case; a second file for the same case and role makes the case bad (its
+    ``problem``), not the folder."""
     record = records.get(case_id)
     if record is None:
         record = records[case_id] = CaseRecord(case_id=case_id, pet=None, ct=None, **extra)
     existing = getattr(record, attr)
     if existing is not None:
-        raise InputError(f"two files for the {attr} of this case: {existing} and {path}", case_id, path)
+        if record.problem is None:
+            record.problem = InputError(f"two files for the {attr} of this case: {existing} and {path.name}; keep one",
+                                        case_id, path)
+        return
     setattr(record, attr, path)
 
 
@@ -175,8 +179,9 @@ def _discover_autopet(root: Path) -> list[CaseRecord]:
         for case_id, folder in candidates:
             try:
                 roles = _autopet_files(folder)
-            except InputError as exc:
-                raise exc.with_case(case_id) from None
+            except InputError as exc:  # two files for one channel: this case is bad, the others go on
+                records[case_id] = CaseRecord(case_id, None, None, patient_id=patient.name, problem=exc.with_case(case_id))
+                continue
             if not roles:
                 continue
             if case_id in records:
@@ -267,9 +272,13 @@ def _discover_nnunet(root: Path, channel_names: dict | None, rule: ChannelDecisi
 
     files: dict[str, dict[int, Path]] = {}
     ignored = []
+    other_endings: dict[str, int] = {}
     if images_dir.is_dir():
         for path in sorted(images_dir.iterdir()):
             if path.name.startswith(".") or not path.name.endswith(ending):
+                split = _split_image_name(path.name)
+                if split is not None:
+                    other_endings[split[1]] = other_endings.get(split[1], 0) + 1
                 continue
             m = _NNUNET_NAME.match(path.name[: -len(ending)])
             if m is None:
@@ -279,6 +288,13 @@ def _discover_nnunet(root: Path, channel_names: dict | None, rule: ChannelDecisi
     if ignored:
         log.warning("%s: ignored %d file(s) not named <case>_XXXX%s: %s", images_dir, len(ignored), ending,
                     ", ".join(ignored[:5]))
+    if other_endings:
+        found = ", ".join(f"{n} {e!r}" for e, n in sorted(other_endings.items()))
+        mismatch = (f"file_ending is {ending!r} but {images_dir.name} holds image files ending otherwise ({found}); "
+                    "set file_ending in dataset.json to the files' ending")
+        if not files:
+            raise InputError(mismatch, file=root / "dataset.json")
+        log.warning("%s: %s (those files are not used)", root / "dataset.json", mismatch)
     labels = {}
     if labels_dir.is_dir():
         labels = {p.name[: -len(ending)]: p for p in sorted(labels_dir.iterdir())

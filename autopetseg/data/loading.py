@@ -12,7 +12,9 @@ the module constants below):
 * NaN or infinite voxels in any image;
 * the CT covers less than ``MIN_CT_COVERAGE`` of the PET field of view (a CT from another study);
 * the PET has many strongly negative values (a CT given as PET: channels swapped);
-* the PET body median is above ``MAX_PLAUSIBLE_BODY_MEDIAN_SUV`` (Bq/ml rather than SUV);
+* the PET is not in SUV: its body median, 99th percentile, maximum or share of negative voxels is
+  out of the range of a PET in SUV (``suv_check``, with the sources of each limit and the
+  override for unusual tracers); a constant PET or a one-slice volume is a warning;
 * the label lies on another grid than the PET, or holds values other than 0 and 1.
 
 Speed (whole-body studies are 15-50 M voxels per channel, mostly air):
@@ -41,14 +43,13 @@ import SimpleITK as sitk
 
 from autopetseg.data.imageio import Geometry, read_image
 from autopetseg.data.records import CaseRecord
+from autopetseg.data.suv_check import SuvCheck, check_suv
 from autopetseg.errors import InputError
 from autopetseg.data.body import BodyMaskSettings, align_box, bbox_slices, coarse_factor
 
 log = logging.getLogger(__name__)
 
 CT_FILL_HU = -1024.0
-# A body median above this cannot be SUV (it would be Bq/ml): design notes, Conventions.
-MAX_PLAUSIBLE_BODY_MEDIAN_SUV = 100.0
 # The CT must cover at least this share of the PET field of view.
 MIN_CT_COVERAGE = 0.95
 # CT voxels above this are "body" for the Bq/ml check (air is about -1000 HU, lung -900..-500).
@@ -566,9 +567,13 @@ def _missing_channel_error(record: CaseRecord, what: str) -> InputError:
 # ----------------------------------------------------------------------------- the case
 
 
-def load_case(record: CaseRecord, with_label: bool = True) -> LoadedCase:
-    """Read and check one case. Every problem is an ``InputError`` naming the case and file."""
+def load_case(record: CaseRecord, with_label: bool = True, suv_check: SuvCheck | None = None) -> LoadedCase:
+    """Read and check one case. Every problem is an ``InputError`` naming the case and file.
+
+    ``suv_check``: how the SUV plausibility is checked (default: ``SuvCheck.from_environment()``).
+    """
     case = record.case_id
+    record.raise_problem()
     for what, path in (("PET", record.pet), ("CT", record.ct)):
         if path is None:
             raise _missing_channel_error(record, what)
@@ -608,16 +613,9 @@ def load_case(record: CaseRecord, with_label: bool = True) -> LoadedCase:
         body_pet = pet[bbox_slices(box)][body]
     else:
         body_pet = np.empty(0, dtype=np.float32)
-    if body_pet.size == 0:
-        body_pet = pet[pet > 0]
-    body_median = float(np.median(body_pet)) if body_pet.size else 0.0
-    if body_median > MAX_PLAUSIBLE_BODY_MEDIAN_SUV:
-        raise InputError(
-            f"PET body median is {body_median:.0f}, which looks like Bq/ml rather than SUV; "
-            "convert the PET to SUV (body weight) first",
-            case,
-            record.pet,
-        )
+    if body_pet.size == 0:  # no tissue on the CT: the PET's non-zero voxels stand for the body
+        body_pet = pet[pet != 0]
+    check_suv(pet, body_pet, case, record.pet, suv_check)
 
     if with_label and record.label is not None:
         loaded.label = _load_label(Path(record.label), geometry, case)

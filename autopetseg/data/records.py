@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autopetseg.errors import InputError
+
 
 @dataclass
 class CaseRecord:
@@ -22,6 +24,13 @@ class CaseRecord:
     patient_id: str | None = None
     cohort: str | None = None
     clinical: dict[str, str] = field(default_factory=dict)
+    # A problem discovery found with this case's files (two files for one channel). Reading the
+    # case raises it, so a folder run reports this case beside the other bad ones and goes on.
+    problem: InputError | None = None
+
+    def raise_problem(self) -> None:
+        if self.problem is not None:
+            raise self.problem
 
     @property
     def patient(self) -> str:

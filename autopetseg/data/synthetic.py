@@ -234,21 +234,32 @@ def case_specs(n_cases: int, seed: int, negative_fraction: float, layout: str) -
     return specs
 
 
-def _case_files(root: Path, spec: CaseSpec, layout: str, labels_dir: str) -> dict[str, Path]:
+def case_files(root: Path, case_id: str, patient: str, study: str, layout: str,
+               labels_dir: str = "labelsTr") -> dict[str, Path]:
+    """Where a case's PET, CT and label go in ``layout`` (also used by ``import-dicom``); in the
+    autopet layout the case id must be ``<patient>_<study>``, as discovery names it."""
     if layout == "nnunet":
-        return {"ct": root / "imagesTr" / f"{spec.case_id}_0000.nii.gz", "pet": root / "imagesTr" / f"{spec.case_id}_0001.nii.gz",
-                "label": root / labels_dir / f"{spec.case_id}.nii.gz"}
+        return {"ct": root / "imagesTr" / f"{case_id}_0000.nii.gz", "pet": root / "imagesTr" / f"{case_id}_0001.nii.gz",
+                "label": root / labels_dir / f"{case_id}.nii.gz"}
     if layout == "autopet":
-        folder = root / spec.patient / spec.study
+        folder = root / patient / study
         return {"pet": folder / "SUV.nii.gz", "ct": folder / "CT.nii.gz", "label": folder / "SEG.nii.gz"}
-    return {"pet": root / f"{spec.case_id}_pet.nii.gz", "ct": root / f"{spec.case_id}_ct.nii.gz",
-            "label": root / f"{spec.case_id}_seg.nii.gz"}
+    return {"pet": root / f"{case_id}_pet.nii.gz", "ct": root / f"{case_id}_ct.nii.gz",
+            "label": root / f"{case_id}_seg.nii.gz"}
+
+
+def write_nnunet_dataset_json(root: Path, n_cases: int, description: str) -> None:
+    """nnU-Net's ``dataset.json`` for the files ``case_files`` places (channel 0 CT, 1 PET)."""
+    write_json(root / "dataset.json", {
+        "name": root.name, "description": description,
+        "channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "lesion": 1},
+        "numTraining": n_cases, "file_ending": ".nii.gz"})
 
 
 def _write_case(args) -> dict:
     root, spec, layout, seed, preset, pet_spacing, with_labels = args
     phantom = make_phantom(spec, seed, preset, pet_spacing)
-    files = _case_files(root, spec, layout, "labelsTr")
+    files = case_files(root, spec.case_id, spec.patient, spec.study, layout)
     write_image(files["pet"], phantom.pet, phantom.pet_geometry)
     write_image(files["ct"], phantom.ct, phantom.ct_geometry)
     if with_labels:
@@ -286,10 +297,7 @@ def synthesize_dataset(out_dir: str | Path, n_cases: int = 30, layout: str = "nn
         truths = [_write_case(job) for job in jobs]
 
     if layout == "nnunet":
-        write_json(root / "dataset.json", {
-            "name": root.name, "description": "autopetseg synthetic PET/CT phantoms",
-            "channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "lesion": 1},
-            "numTraining": n_cases, "file_ending": ".nii.gz"})
+        write_nnunet_dataset_json(root, n_cases, "autopetseg synthetic PET/CT phantoms")
     tmtv = np.array([t["tmtv_ml"] for t in truths])
     prognosis = prognosis_labels(tmtv, seed)
     buffer = io.StringIO()

@@ -31,9 +31,10 @@ from autopetseg.data.imageio import IMAGE_SUFFIXES, Geometry, read_image, strip_
 from autopetseg.data.parallel import run_per_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
+from autopetseg.evaluation.prognosis import PrognosisEvaluationSettings, evaluate_prognosis
 from autopetseg.scoring.clinical import clinical_numbers
 from autopetseg.scoring.metrics import aggregate, case_metrics, challenge_voxel_volume_ml, detection
-from autopetseg.io_utils import atomic_path, nan_to_none, write_json
+from autopetseg.io_utils import atomic_path, nan_to_none, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class EvaluationSettings:
 
     missing_as_empty: bool = False
     num_processes: int = 1
+    prognosis: PrognosisEvaluationSettings = PrognosisEvaluationSettings()  # column names (prognosis.py)
 
 
 def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
@@ -106,6 +108,7 @@ def _read_mask(path: Path, case: str, what: str, reference: Geometry | None, ref
 def evaluate_case(record: CaseRecord, prediction: Path | None) -> dict:
     """One CSV row for a labelled case; ``prediction=None`` scores an empty mask."""
     case = record.case_id
+    record.raise_problem()
     suv = None
     reference, reference_name = None, "ground-truth"
     if record.pet is not None:
@@ -229,8 +232,13 @@ def evaluate_folder(
         "%d case(s) scored (%d with lesions): mean DSC %.4f, mean FPV %.3f ml, mean FNV %.3f ml",
         summary["n_cases"], summary["n_positive"], summary["mean_dsc"], summary["mean_fpv_ml"], summary["mean_fnv_ml"],
     )
+    # A method with a patient-level label (multitask): AUC etc. against the clinical table, ROC and KM pictures.
+    prognosis = evaluate_prognosis(pred_dir, dataset.cases, gt_dir, out_dir, settings.prognosis)
+    if prognosis is not None:
+        summary["prognosis"] = prognosis
     if out_dir is not None:
         out_dir = Path(out_dir)
+        remove_stale_temporaries(out_dir)  # of a killed run
         write_metrics_csv(out_dir / METRICS_CSV, rows)
         write_json(out_dir / SUMMARY_JSON, nan_to_none(summary))
     return rows, summary

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from autopetseg.errors import InputError
@@ -59,6 +60,13 @@ class StageEnsemble:
     def networks(self) -> list[torch.nn.Module]:
         return [f.network for f in self.folds]
 
+    @property
+    def head_thresholds(self) -> dict[str, float]:
+        """Per patient-level head, the mean of the folds' validation thresholds (folds without one left out)."""
+        names = {name for f in self.folds for name in f.head_thresholds}
+        return {name: float(np.mean([f.head_thresholds[name] for f in self.folds if name in f.head_thresholds]))
+                for name in sorted(names)}
+
 
 @dataclass
 class EnsembleModel:
@@ -87,7 +95,8 @@ class EnsembleModel:
 
 
 def _usable(dsc: float | None) -> bool:
-    return dsc is not None and not math.isnan(dsc) and dsc > 0
+    """A validation DSC that says something: known and not NaN (0 included: that fold found nothing)."""
+    return dsc is not None and not math.isnan(dsc)
 
 
 def ensemble_weights(dscs: Sequence[float | None], method: str = "mean", names: Sequence[str] | None = None) -> list[float]:
@@ -103,15 +112,15 @@ def ensemble_weights(dscs: Sequence[float | None], method: str = "mean", names: 
     names = list(names) if names is not None else [f"fold {i}" for i in range(n)]
     if method == "mean":
         return [1.0 / n] * n
-    usable = [float(d) for d in dscs if _usable(d)]
-    if not usable:
+    usable = [max(float(d), 0.0) for d in dscs if _usable(d)]
+    if not usable or sum(usable) <= 0:
         log.warning("dice_weighted ensemble: no fold has a positive validation DSC; using equal weights (mean)")
         return [1.0 / n] * n
-    fallback = sum(usable) / len(usable)
+    fallback = sum(usable) / len(usable)  # a fold whose DSC is unknown counts as an average one
     raw = []
     for name, dsc in zip(names, dscs):
         if _usable(dsc):
-            raw.append(float(dsc))
+            raw.append(max(float(dsc), 0.0))  # the GDFL paper's weight is the DSC itself: 0 for a fold that found nothing
         else:
             log.warning(
                 "dice_weighted ensemble: %s has no usable validation DSC (%s); weighting it as an average fold (%.4f)",

@@ -28,7 +28,6 @@ sharing an output folder update ``predictions.csv`` under a file lock.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -37,7 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,9 +46,10 @@ from autopetseg.data.imageio import Geometry, write_image
 from autopetseg.data.loading import LoadedCase, load_case
 from autopetseg.data.records import CaseRecord
 from autopetseg.errors import InputError
-from autopetseg.inference.combine import StageOutput, get_combiner
+from autopetseg.inference.combine import READ_REGIONS, STAGE_RUNNERS, RunContext, StageOutput, get_combiner, read_last
 from autopetseg.inference.ensemble import StageEnsemble, load_ensemble
-from autopetseg.io_utils import atomic_path
+from autopetseg.inference.output_record import describe_producer, producer_differences, read_producer, write_producer
+from autopetseg.io_utils import atomic_path, file_lock, remove_stale_temporaries
 from autopetseg.models.runtime import amp_dtype, resolve_device
 from autopetseg.models.sliding_window import EMPTY_PET_MAX, SlidingWindowStats
 from autopetseg.models.trained import ensemble_probabilities
@@ -77,10 +77,14 @@ class PredictorSettings:
     folds: Sequence[int | str] | None = None  # None: every fold that has the checkpoint
     checkpoint: str = "best"  # "best" or "final"
     ensemble: str = "mean"  # "mean" or "dice_weighted"
+    ensemble_space: str = "probabilities"  # average the folds' "probabilities" or their "logits"
+    blending: str = "gaussian"  # overlapping windows: "gaussian" (nnU-Net) or "constant" (MONAI, the GDFL authors)
     device: str = "auto"  # "auto", "cuda", "cpu" (or any torch device string)
     tta: bool = False  # mirror along the axes the model was trained to be mirrored along
     overlap: float = 0.5
     batch_size: int = 2  # windows per forward pass
+    # 2D stages: slices per forward pass, as many as fit this many (padded) pixels, at least batch_size.
+    slice_batch_pixels: int = 2**18
     skip_empty: bool = True  # skip windows that lie in air (outside the body)
     min_suv: float | None = None  # also skip windows whose PET max is <= this SUV
     amp: bool | None = None  # None: autocast on CUDA only
@@ -90,9 +94,12 @@ class PredictorSettings:
     num_parts: int = 1
     part_id: int = 0
     prefetch: bool = True  # load and preprocess the next case while this one is predicted
+    dicom_seg: bool = False  # also <case>_seg.dcm referencing the source PET series (cases from import-dicom)
 
     def validate(self) -> None:
-        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+        if self.num_parts < 1:
+            raise InputError(f"--num-parts must be at least 1, got {self.num_parts}")
+        if not 0 <= self.part_id < self.num_parts:
             raise InputError(
                 f"--part-id must be in 0..{self.num_parts - 1} for --num-parts {self.num_parts}, got {self.part_id}"
             )
@@ -100,6 +107,8 @@ class PredictorSettings:
             raise InputError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.slice_batch_pixels < 1:
+            raise InputError(f"slice_batch_pixels must be >= 1, got {self.slice_batch_pixels}")
         if self.min_suv is not None and not self.min_suv >= 0:
             raise InputError(f"--min-suv must be a non-negative SUV, got {self.min_suv}")
 
@@ -153,21 +162,9 @@ def read_prediction_rows(path: str | Path) -> dict[str, dict[str, str]]:
         return {row["case_id"]: row for row in csv.DictReader(f) if row.get("case_id")}
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock on ``lock_path`` (POSIX ``flock``; no locking where it is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: parts must then use separate output folders
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+# An exclusive lock whose file is removed on release (no lock file left in the output folder);
+# without POSIX locks (Windows) parts must use separate output folders.
+_locked = file_lock
 
 
 def _csv_value(value) -> str | int | float:
@@ -228,13 +225,18 @@ class Predictor:
         return {"skip_empty": True, "empty_pet_max": bound, "empty_ct_max": math.inf}
 
     def predict_stage(self, stage: StageEnsemble, image: np.ndarray | torch.Tensor,
-                      stats: SlidingWindowStats | None = None) -> dict[str, torch.Tensor]:
+                      stats: SlidingWindowStats | None = None, region: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Named outputs (``probabilities`` (channels, z, y, x) float32 on the CPU, patient-level heads)
-        of one stage's fold ensemble over a preprocessed volume."""
+        of one stage's fold ensemble over a preprocessed volume (a 2D stage with a ``region``: only
+        the slices holding any of its voxels are run, the others are background)."""
+        kind = stage.folds[0].record.strategy.kind
         return ensemble_probabilities(
             stage.folds, image, stage.weights, device=self.device, amp_dtype=self.amp_dtype,
             mirror=self.settings.tta, batch_size=self.settings.batch_size, overlap=self.settings.overlap,
-            stats=stats, **self._skip_bounds(),
+            stats=stats, ensemble_space=self.settings.ensemble_space,
+            **({"blending": self.settings.blending} if kind == "sliding_window" else {}),
+            **({"slice_batch_pixels": self.settings.slice_batch_pixels, "region": region} if kind == "slices" else {}),
+            **self._skip_bounds(),
         )
 
     def predict_array(self, data: np.ndarray | torch.Tensor, stats: SlidingWindowStats | None = None) -> torch.Tensor:
@@ -257,21 +259,25 @@ class Predictor:
         """(the checked case, per stage its preprocessed array and properties); ``InputError`` for bad input.
 
         Each stage is preprocessed exactly as its training cache was (its plans, configuration and
-        preprocessing settings, from the fold record); stages that share them share the array.
+        preprocessing settings, from the fold record); stages whose configurations make the same cache
+        (plans, data identifier, spacing, preprocessing) share the array.
         """
         case = load_case(record, with_label=False)
         done: dict[tuple, tuple[np.ndarray, dict]] = {}
         prepared = []
         for stage in self.model.stages:
             r = stage.record
-            key = (r.plans_sha256, r.configuration, json.dumps(r.preprocessing, sort_keys=True))
+            plans = stage.plans
+            conf = plans.configuration(r.configuration)
+            # Configurations on one cache (e.g. 2d_coronal on 3d_fullres's) share the array.
+            key = (r.plans_sha256, conf.data_identifier, tuple(conf.spacing_zyx), json.dumps(r.preprocessing, sort_keys=True))
             if key not in done:
-                plans = stage.plans
                 settings = PreprocessingSettings.from_signature(r.preprocessing)
-                data, _, properties = preprocess_loaded_case(case, plans, plans.configuration(r.configuration), settings)
+                data, _, properties = preprocess_loaded_case(case, plans, conf, settings)
                 properties.update(cohort=record.cohort, patient=record.patient)
                 done[key] = (data, properties)
-            prepared.append(done[key])
+            data, properties = done[key]
+            prepared.append((data, {**properties, "configuration": conf.name}))
         return case, prepared
 
     def predict_loaded(
@@ -280,20 +286,12 @@ class Predictor:
         """Predict a case loaded by ``load`` (``started``: when its clock started, for the timing)."""
         started = time.perf_counter() if started is None else started
         stats = SlidingWindowStats()
-        outputs: dict[str, StageOutput] = {}
-        for stage, (data, properties) in zip(self.model.stages, prepared):
-            image = data
-            if stage.stage.channel_inputs:
-                cues = [map_between_caches(outputs[s].lesion_probability(), outputs[s].properties, properties)[None]
-                        for s in stage.stage.channel_inputs]
-                image = np.concatenate([data] + cues).astype(np.float32, copy=False)
-            named = self.predict_stage(stage, image, stats)
-            outputs[stage.stage.name] = StageOutput(
-                probabilities=named.pop("probabilities").numpy(), properties=properties, output=stage.record.output,
-                heads={k: v.numpy() for k, v in named.items()},
-            )
-        combined = self.combine(self.model.method, outputs)
-        del outputs
+        runner = STAGE_RUNNERS.get(self.model.method.combine)
+        if runner is not None:  # the rule runs the stages itself (combine.py)
+            combined = runner(self.model.method, self.model.stages, prepared,
+                              RunContext(self.device, self.amp_dtype, stats))
+        else:
+            combined = self.combine(self.model.method, self.stage_outputs(prepared, stats))
         mask, lesion = self.to_original(combined.lesion_probability, combined.properties, combined.threshold)
         numbers = clinical_numbers(mask, case.pet, case.geometry.spacing_zyx)
         numbers.update(_extra_columns(combined.values))
@@ -307,6 +305,30 @@ class Predictor:
             windows=stats,
             seconds=time.perf_counter() - started,
         )
+
+    def stage_outputs(self, prepared: list[tuple[np.ndarray, dict]], stats: SlidingWindowStats) -> dict[str, StageOutput]:
+        """Every stage's output, each stage given the earlier ones it takes as channels. A stage whose
+        output only the combine rule reads, in part (``combine.READ_REGIONS``), runs after the others
+        and only where the rule reads it."""
+        method = self.model.method
+        last = read_last(method)
+        pairs = list(zip(self.model.stages, prepared))
+        outputs: dict[str, StageOutput] = {}
+        for stage, (data, properties) in sorted(pairs, key=lambda pair: pair[0].stage.name in last):
+            region = None
+            if stage.stage.name in last:
+                region = READ_REGIONS[method.combine](method, outputs, stage.stage.name, properties)
+            image = data
+            if stage.stage.channel_inputs:
+                cues = [map_between_caches(outputs[s].lesion_probability(), outputs[s].properties, properties)[None]
+                        for s in stage.stage.channel_inputs]
+                image = np.concatenate([data] + cues).astype(np.float32, copy=False)
+            named = self.predict_stage(stage, image, stats, region)
+            outputs[stage.stage.name] = StageOutput(
+                probabilities=named.pop("probabilities").numpy(), properties=properties, output=stage.record.output,
+                heads={k: v.numpy() for k, v in named.items()}, head_thresholds=stage.head_thresholds,
+            )
+        return outputs
 
     def predict_case(self, record: CaseRecord) -> CasePrediction:
         """Predict one case in memory (nothing written)."""
@@ -329,18 +351,53 @@ class Predictor:
                            record, prediction.numbers)
         update_prediction_csv(output_dir / PREDICTIONS_CSV, {"case_id": prediction.case_id, **prediction.numbers})
 
+    def claim_output_folder(self, output_dir: Path) -> None:
+        """Record this model and these settings as the producer of ``output_dir``'s predictions; a folder
+        holding another producer's predictions is refused unless ``overwrite``, which removes them
+        first (``output_record.py``). Under the CSV's lock: parts sharing the folder agree."""
+        producer = describe_producer(self.model, self.settings, self.amp_dtype)
+        csv_path = output_dir / PREDICTIONS_CSV
+        with _locked(csv_path.with_name(f".{csv_path.name}.lock")):
+            recorded, rows = read_producer(output_dir), read_prediction_rows(csv_path)
+            if (recorded is not None and recorded["producer"] == producer) or (recorded is None and not rows):
+                if recorded is None:
+                    write_producer(output_dir, producer, self.model.model_dir)
+                return
+            differences = "; ".join(producer_differences(recorded, producer, self.model.model_dir))
+            if not self.settings.overwrite:
+                raise InputError(f"the folder holds {len(rows)} prediction(s) made by another model or with other "
+                                 f"settings ({differences}): predict into another folder, or add --overwrite to "
+                                 "replace them", file=output_dir)
+            log.warning("--overwrite: removing %d prediction(s) of another model or settings (%s) from %s",
+                        len(rows), differences, output_dir)
+            for case_id in rows:
+                for path in (output_dir / f"{case_id}{MASK_SUFFIX}",
+                             output_dir / PROBABILITIES_FOLDER / f"{case_id}{MASK_SUFFIX}",
+                             output_dir / PNG_FOLDER / f"{case_id}.png"):
+                    path.unlink(missing_ok=True)
+            csv_path.unlink(missing_ok=True)
+            write_producer(output_dir, producer, self.model.model_dir)
+
     def predict_folder(self, input_dir: str | Path, output_dir: str | Path) -> PredictionReport:
         """Predict every case of ``input_dir`` (this part's share) into ``output_dir``."""
         settings = self.settings
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir, recursive=True)  # masks, probabilities, pictures of killed runs
         dataset = discover(input_dir)
         cases = split_cases(dataset.cases, settings.num_parts, settings.part_id)
+        self.claim_output_folder(output_dir)  # refuse another model's predictions (output_record.py)
         report = PredictionReport(output_dir=output_dir)
         done_rows = read_prediction_rows(output_dir / PREDICTIONS_CSV)
         todo = []
         for record in cases:
             finished = record.case_id in done_rows and (output_dir / f"{record.case_id}{MASK_SUFFIX}").is_file()
+            if settings.save_probabilities:  # asked for now, maybe not by the run that finished the case
+                finished = finished and (output_dir / PROBABILITIES_FOLDER / f"{record.case_id}{MASK_SUFFIX}").is_file()
+            if settings.dicom_seg:
+                from autopetseg.inference.dicom_seg import dicom_seg_path
+
+                finished = finished and dicom_seg_path(output_dir, record.case_id).is_file()
             if finished and not settings.overwrite:
                 report.skipped.append(record.case_id)
                 if settings.png and not (output_dir / PNG_FOLDER / f"{record.case_id}.png").is_file():
@@ -371,6 +428,15 @@ class Predictor:
                     continue
                 prediction = self.predict_loaded(*loaded, started=started)
                 self.write_case(prediction, output_dir, record)
+                if settings.dicom_seg:
+                    from autopetseg.inference.dicom_seg import write_case_seg
+
+                    try:
+                        write_case_seg(output_dir, record, prediction.mask, prediction.geometry)
+                    except InputError as error:  # the mask is written; the SEG failure is reported
+                        log.error("%s", error.with_case(record.case_id))
+                        report.failures.append(error.with_case(record.case_id))
+                        continue
                 report.predicted.append(record.case_id)
                 report.seconds[record.case_id] = time.perf_counter() - started
                 report.n_windows += prediction.windows.n_windows

@@ -12,6 +12,10 @@ connectivity):
   most probable voxel when ``cueless_to_one_voxel`` (a detection kept, its volume dropped);
 * a component (with cue) of fewer than ``min_voxels`` voxels is removed.
 
+The cue matters only near voxels whose probability lies between the two thresholds
+(``L2SSettings.cue_region``): the predictor runs the localizer on the coronal slices that hold such
+voxels only.
+
 The rules act on the lesion probability (removed voxels set to 0) on the segmenter's cache grid,
 so the predictor's usual inversion and thresholding make the mask; a one-voxel component is then
 as large as one cache voxel is on the PET grid.
@@ -98,6 +102,34 @@ class L2SSettings:
 
     def to_notes(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def cue_region(self, probability: np.ndarray, interpolated: tuple[bool, ...] = (True, True, True)) -> np.ndarray:
+        """The voxels where the cue can change the mask (bool, the probability's shape); elsewhere
+        ``combine`` gives the same mask whatever the cue.
+
+        The mask is made on the PET grid: probability and threshold are interpolated linearly from
+        the cache voxels around each PET voxel (2 along an ``interpolated`` axis, where the cache
+        spacing differs from the PET's, 1 along the others) and compared. The interpolated threshold
+        lies between min and max(low, high), so the cue matters only where the interpolated
+        probability does too: next to (within one voxel along the interpolated axes) a voxel above
+        the lower threshold and next to one not above the higher. The component rules read the cue
+        on whole components above the threshold: with them, every voxel next to one above the lower.
+        """
+        from scipy import ndimage
+
+        p = np.asarray(probability)
+        low, high = sorted((self.adaptive_threshold.low, self.adaptive_threshold.high))
+        if not self.components.enabled and low == high:
+            return np.zeros(p.shape, dtype=bool)
+        structure = np.zeros((3,) * p.ndim, dtype=bool)
+        structure[tuple(slice(None) if along else slice(1, 2) for along in interpolated)] = True
+
+        def near(mask: np.ndarray) -> np.ndarray:
+            return ndimage.binary_dilation(mask, structure=structure) if any(interpolated) else mask
+
+        if self.components.enabled:
+            return near(p > low)
+        return near(p > low) & near(p <= high)
 
     def combine(self, probability: np.ndarray, cue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lesion probability after the component rules, per-voxel threshold), both on the cue's grid."""

@@ -53,8 +53,11 @@ def plans_hash(plans: Plans | dict) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def model_dir_name(method: MethodSpec) -> str:
-    return f"{method.name}__{method.main_configuration}"
+def model_dir_name(method: MethodSpec, plans_name: str = "auto") -> str:
+    """``<method>__<configuration>`` on the ``auto`` plans, ``<method>__<plans>__<configuration>`` on named ones."""
+    if plans_name == "auto":
+        return f"{method.name}__{method.main_configuration}"
+    return f"{method.name}__{plans_name}__{method.main_configuration}"
 
 
 def fold_dir_name(fold: int | str) -> str:
@@ -209,3 +212,14 @@ def read_validation_score(folder: str | Path, key: str = "mean_dsc") -> float | 
     except (OSError, ValueError):
         return None
     return None if value is None else float(value)
+
+
+def read_head_thresholds(folder: str | Path) -> dict[str, float]:
+    """``head_thresholds`` of ``validation.json``: per patient-level head, the threshold its
+    validation chose (multitask: the Youden threshold of ``prognosis``); {} when absent."""
+    path = Path(folder) / VALIDATION_FILE
+    try:
+        raw = read_json(path).get("head_thresholds") if path.is_file() else None
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in (raw or {}).items() if v is not None}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopetseg.models.adaptive_threshold import L2SSettings
+from autopetseg.models.cascade3 import Cascade3Settings
 from autopetseg.options import check_option
 
 
@@ -198,6 +199,25 @@ METHODS["cascade_l2s"] = MethodSpec(
     combine="l2s_adaptive",
     notes=L2SSettings().to_notes(),
 )
+
+# Ahamed et al. (DLBCL): an axial slice classifier, a Faster R-CNN lesion detector on the slices it keeps, a 2D
+# U-Net on ROIs around the boxes. The stages train independently (the detector and the segmenter on the ground
+# truth); ``cascade3`` runs them in turn at prediction time (``models/cascade3.py``; ``notes``: fold fusion, threshold).
+METHODS["cascade_3step"] = MethodSpec(
+    "cascade_3step",
+    (
+        StageSpec("classifier", "cascade3_classifier", "2d_axial"),
+        StageSpec("detector", "cascade3_detector", "2d_axial"),
+        StageSpec("roi_segmenter", "cascade3_roi_segmenter", "2d_axial"),
+    ),
+    combine="cascade3",
+    notes=Cascade3Settings().to_notes(),
+)
+
+# Liu et al. (DLBCL): one stage, a multitask U-Net on the whole body resized to the ``3d_wholebody`` grid;
+# ``prognosis`` writes the fused head's probability and its label at the folds' mean Youden threshold.
+METHODS["multitask"] = MethodSpec("multitask", (StageSpec("segmenter", "multitask", "3d_wholebody"),),
+                                  combine="prognosis")
 
 
 def get_method(name: str) -> MethodSpec:

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from torch import nn
 
 from autopetseg.models import runtime
@@ -126,13 +127,17 @@ def ensemble_probabilities(
     dtype: torch.dtype | None,
     stats: "SlidingWindowStats",
     heads: dict[str, torch.Tensor] | None = None,
+    space: str = "probabilities",
 ) -> torch.Tensor:
-    """Weighted mean over networks and mirrored copies of the activated outputs for one batch.
+    """Weighted mean over networks and mirrored copies of the outputs for one batch, activated.
 
-    ``weights`` sum to 1; ``flips`` are tensor dims of ``batch`` (``()`` = no flip). When ``heads``
-    is a dict, the extra heads of dict outputs ((B, K) logits) are added into it, softmaxed over K
-    and weighted like the segmentation.
+    ``weights`` sum to 1; ``flips`` are tensor dims of ``batch`` (``()`` = no flip). ``space``:
+    "probabilities" averages the activated outputs (nnU-Net, MONAI's ensembles), "logits" averages
+    the logits and activates the mean (autosegnet's ensembles; folds with lesion logits 5, -1, -1.5
+    give 0.51 by logits and 0.41 by probabilities). When ``heads`` is a dict, the extra heads of dict
+    outputs ((B, K) logits) are added into it, softmaxed over K and weighted like the segmentation.
     """
+    by_logits = check_option("ensemble_space", space) == "logits"
     probs = None
     head_names: set[str] | None = None
     for net, w in zip(nets, weights):
@@ -141,7 +146,7 @@ def ensemble_probabilities(
             with runtime.autocast(device, dtype):
                 out, extra = split_output(net(inp))
             stats.n_forward_calls += 1
-            p = act(out.float())
+            p = out.float() if by_logits else act(out.float())
             if dims:
                 p = torch.flip(p, dims)
             p = p * (w / len(flips))
@@ -155,8 +160,13 @@ def ensemble_probabilities(
                 for name, logits in extra.items():
                     if logits.ndim != 2:
                         raise ValueError(f"head {name!r} must be (B, K) logits, got shape {tuple(logits.shape)}")
-                    h = torch.softmax(logits.float(), dim=1) * (w / len(flips))
+                    h = (logits.float() if by_logits else torch.softmax(logits.float(), dim=1)) * (w / len(flips))
                     heads[name] = h + heads[name] if name in heads else h
+    if by_logits:
+        if heads is not None:
+            for name in list(heads):
+                heads[name] = torch.softmax(heads[name], dim=1)
+        return act(probs)
     return probs
 
 
@@ -194,6 +204,8 @@ def sliding_window_predict(
     channels_last_3d: bool = False,
     output_device: str | torch.device = "cpu",
     stats: SlidingWindowStats | None = None,
+    ensemble_space: str = "probabilities",
+    blending: str = "gaussian",
 ) -> torch.Tensor:
     """Class probabilities (n_classes, z, y, x) float32 for ``image`` (C, z, y, x).
 
@@ -204,8 +216,11 @@ def sliding_window_predict(
     ``fill``: per-channel probabilities of the voxels no run window covers (None: 1 in channel 0,
     0 elsewhere). ``amp``: autocast (default: on for CUDA) in ``amp_dtype`` (default bf16 where
     supported, else fp16). Networks are used as they are (call ``.eval()`` first). ``stats``, if
-    given, is filled with window counts.
+    given, is filled with window counts. ``ensemble_space``: average the folds' probabilities or
+    their logits (``ensemble_probabilities``). ``blending`` of overlapping windows: "gaussian"
+    (nnU-Net; the default) or "constant" (MONAI's default, which the GDFL authors used).
     """
+    check_option("blending", blending)
     nets = [networks] if isinstance(networks, nn.Module) else list(networks)
     if not nets:
         raise ValueError("no network given")
@@ -221,15 +236,10 @@ def sliding_window_predict(
     patch = [int(p) for p in patch_size]
     if len(patch) != 3:
         raise ValueError(f"patch_size must have 3 sizes (z, y, x), got {tuple(patch_size)}")
-    shape = list(image.shape[1:])
-    padded = [max(s, p) for s, p in zip(shape, patch)]
-    x = image.to(device=device, dtype=torch.float32)
-    if padded != shape:
-        pad = []
-        for s, p in zip(reversed(shape), reversed(padded)):
-            pad += [(p - s) // 2, p - s - (p - s) // 2]
-        x = torch.nn.functional.pad(x, pad, value=0.0)
-    offsets = [(p - s) // 2 for s, p in zip(shape, padded)]
+    # An image smaller than the patch is padded with 0 (centred, the extra voxel after) up to it.
+    x, crop = pad_nd_image(image.to(device=device, dtype=torch.float32), patch, "constant", {"value": 0.0},
+                           return_slicer=True)
+    padded = list(x.shape[1:])
 
     starts = [window_starts(s, p, overlap) for s, p in zip(padded, patch)]
     boxes = [(z, y, xx) for z in starts[0] for y in starts[1] for xx in starts[2]]
@@ -239,7 +249,8 @@ def sliding_window_predict(
     stats.n_windows += n_all
     stats.n_skipped += n_all - len(boxes)
 
-    gaussian = gaussian_importance_map(patch, device=device)
+    gaussian = (gaussian_importance_map(patch, device=device) if blending == "gaussian"
+                else torch.ones(patch, device=device, dtype=torch.float32))
     flips = _flip_combinations(mirror_axes)
     sums: torch.Tensor | None = None
     weight_sum = torch.zeros(padded, device=device, dtype=torch.float32)
@@ -248,7 +259,8 @@ def sliding_window_predict(
         windows = torch.stack([x[(slice(None),) + _slices(b, patch)] for b in chunk])
         if channels_last_3d:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
-        probs = ensemble_probabilities(nets, weights, windows, flips, act, device, dtype, stats)
+        probs = ensemble_probabilities(nets, weights, windows, flips, act, device, dtype, stats,
+                                       space=ensemble_space)
         if sums is None:
             sums = torch.zeros([probs.shape[1]] + padded, device=device, dtype=torch.float32)
         for b, p in zip(chunk, probs):
@@ -267,8 +279,7 @@ def sliding_window_predict(
     result = sums / torch.where(covered, weight_sum, torch.ones_like(weight_sum))
     for c, value in enumerate(fill_values):
         result[c] = torch.where(covered, result[c], torch.full_like(result[c], value))
-    crop = tuple(slice(o, o + s) for o, s in zip(offsets, shape))
-    return result[(slice(None),) + crop].to(output_device)
+    return result[(slice(None),) + tuple(crop[1:])].to(output_device)  # crop[0]: the input's channels
 
 
 def _slices(start: tuple[int, int, int], patch: Sequence[int]) -> tuple[slice, ...]:

@@ -19,7 +19,9 @@ The three kinds (``StrategySpec.kind``):
   **Padding rule**: each in-plane size is padded with 0 (centred, like the sliding window) up to
   at least the in-plane patch size and then up to a multiple of ``divisor`` (default 32, the total
   stride of a 5-level U-Net), and the output cropped back. Slices whose own plane is air (PET ≤
-  ``empty_pet_max`` and CT ≤ ``empty_ct_max``) are not run and get ``output.background()``.
+  ``empty_pet_max`` and CT ≤ ``empty_ct_max``), and with a ``region`` the slices without any of
+  its voxels, are not run and get ``output.background()``. The slabs are a strided view of the
+  padded volume; each batch is gathered from it in one copy.
   Mirroring TTA uses the in-plane axes among ``mirror_axes`` (the slice axis is dropped).
 * ``whole_image``: the volume resized to ``strategy.grid`` (trilinear, ``align_corners=False``),
   every network run once on it (batch of 1, mirroring TTA if asked), the probabilities resized
@@ -76,6 +78,10 @@ def run_strategy(
     channels_last_3d: bool = False,
     divisor: int | Sequence[int] | None = None,
     stats: SlidingWindowStats | None = None,
+    region: torch.Tensor | np.ndarray | None = None,
+    slice_batch_pixels: int | None = None,
+    ensemble_space: str = "probabilities",
+    blending: str = "gaussian",
 ) -> dict[str, torch.Tensor]:
     """Named outputs (``"probabilities"`` and any patient-level heads) of ``networks`` on ``image``.
 
@@ -86,8 +92,14 @@ def run_strategy(
     test-time mirroring. ``divisor``: slices only, the in-plane multiple (int, 2 sizes, or 3 with
     the slice axis dropped; default 32). ``channels_last_3d``: channels-last memory format for the
     batches (``channels_last`` for 2D slices). ``stats`` counts windows (or slices, or the one
-    whole image) run and skipped, and forward calls.
+    whole image) run and skipped, and forward calls. ``region`` (slices only): bool (z, y, x), the
+    voxels whose output the caller reads; a slice without any is not run. ``slice_batch_pixels``
+    (slices only): slices per forward pass are as many as fit this many padded in-plane pixels, at
+    least ``batch_size`` (None: ``batch_size``). ``ensemble_space``: average the networks'
+    probabilities (default) or logits; ``blending`` (sliding window only): "gaussian" or "constant"
+    weights of overlapping windows (``sliding_window_predict``).
     """
+    check_option("ensemble_space", ensemble_space)
     kind = check_option("strategy", strategy.kind)
     nets = [networks] if isinstance(networks, nn.Module) else list(networks)
     if not nets:
@@ -100,6 +112,10 @@ def run_strategy(
         raise ValueError(f"image must be (C, z, y, x), got shape {tuple(image.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if slice_batch_pixels is not None and slice_batch_pixels < 1:
+        raise ValueError(f"slice_batch_pixels must be >= 1, got {slice_batch_pixels}")
+    if region is not None and kind != "slices":
+        raise ValueError(f"a region restricts the slices strategy only, not {kind!r}")
 
     if kind == "sliding_window":
         probs = sliding_window_predict(
@@ -107,18 +123,19 @@ def run_strategy(
             skip_empty=skip_empty, device=device, amp=amp_dtype is not None, amp_dtype=amp_dtype,
             network_weights=weights, activation=output.activation, fill=output.background(),
             empty_pet_max=empty_pet_max, empty_ct_max=empty_ct_max, channels_last_3d=channels_last_3d,
-            output_device="cpu", stats=stats,
+            output_device="cpu", stats=stats, ensemble_space=ensemble_space, blending=blending,
         )
         return {"probabilities": probs}
     if kind == "slices":
         probs = _run_slices(
             strategy, nets, weights, image, patch_size, output, device, amp_dtype, batch_size, mirror_axes,
-            skip_empty, empty_pet_max, empty_ct_max, channels_last_3d, divisor, stats,
+            skip_empty, empty_pet_max, empty_ct_max, channels_last_3d, divisor, stats, region, slice_batch_pixels,
+            ensemble_space,
         )
         return {"probabilities": probs}
     if kind == "whole_image":
         return _run_whole_image(strategy, nets, weights, image, output, device, amp_dtype, mirror_axes,
-                                channels_last_3d, stats)
+                                channels_last_3d, stats, ensemble_space)
     raise ValueError(f"unknown strategy {kind!r}")  # listed in options but not handled here
 
 
@@ -140,8 +157,17 @@ def slice_padding(size: Sequence[int], patch: Sequence[int], divisor: Sequence[i
     return [-(-max(s, p) // d) * d for s, p, d in zip(size, patch, divisor)]
 
 
+def _slices_in_region(region, axis: int, shape, device) -> torch.Tensor:
+    """Per slice across ``axis``: whether ``region`` (bool, the volume's shape) has a voxel in it."""
+    region = torch.as_tensor(np.asarray(region, dtype=bool) if isinstance(region, np.ndarray) else region)
+    if tuple(region.shape) != tuple(shape):
+        raise ValueError(f"region must have the volume's shape {tuple(shape)}, got {tuple(region.shape)}")
+    return region.to(device=device, dtype=torch.bool).any(dim=[a for a in range(3) if a != axis])
+
+
 def _run_slices(strategy, nets, weights, image, patch_size, output: OutputSpec, device, dtype, batch_size,
-                mirror_axes, skip_empty, empty_pet_max, empty_ct_max, channels_last, divisor, stats):
+                mirror_axes, skip_empty, empty_pet_max, empty_ct_max, channels_last, divisor, stats, region,
+                slice_batch_pixels, ensemble_space="probabilities"):
     axis = int(strategy.axis)
     k = int(strategy.neighbours)
     patch = _in_plane(patch_size, axis, "patch_size")
@@ -160,13 +186,15 @@ def _run_slices(strategy, nets, weights, image, patch_size, output: OutputSpec, 
     vol_p = F.pad(vol, pad_hw + [k, k], value=0.0)  # (C, S + 2k, H', W')
     off_h, off_w = (padded[0] - h) // 2, (padded[1] - w) // 2
 
-    run = list(range(n_slices))
+    run = torch.ones(n_slices, dtype=torch.bool, device=device)
     if skip_empty:
-        pet_max = vol[0].amax(dim=(1, 2))
-        empty = pet_max <= empty_pet_max
+        empty = vol[0].amax(dim=(1, 2)) <= empty_pet_max
         if n_channels > 1:
             empty &= vol[1].amax(dim=(1, 2)) <= empty_ct_max
-        run = [int(s) for s in torch.nonzero(~empty).flatten().tolist()]
+        run &= ~empty
+    if region is not None:
+        run &= _slices_in_region(region, axis, image.shape[1:], device)
+    run = torch.nonzero(run).flatten()
     stats.n_windows += n_slices
     stats.n_skipped += n_slices - len(run)
 
@@ -174,14 +202,16 @@ def _run_slices(strategy, nets, weights, image, patch_size, output: OutputSpec, 
     flips = _flip_combinations([in_plane_axes.index(int(a)) for a in (mirror_axes or ()) if int(a) != axis])
     result = torch.tensor(background, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
     result = result.expand(len(background), n_slices, h, w).clone()
-    for first in range(0, len(run), batch_size):
-        chunk = run[first : first + batch_size]
-        # slice s of the output needs padded slices s .. s + 2k (= s-k .. s+k of the volume)
-        batch = torch.stack([vol_p[:, s : s + 2 * k + 1] for s in chunk])  # (B, C, 2k+1, H', W')
-        batch = batch.reshape(len(chunk), n_channels * (2 * k + 1), padded[0], padded[1])
+    # Slab of slice s = padded slices s .. s + 2k (= s-k .. s+k of the volume), as a strided view of the
+    # padded volume: (S, C, 2k+1, H', W'); indexing a batch out of it is the only copy.
+    slabs = vol_p.unfold(1, 2 * k + 1, 1).permute(1, 0, 4, 2, 3)
+    per_forward = max(batch_size, slice_batch_pixels // (padded[0] * padded[1])) if slice_batch_pixels else batch_size
+    for first in range(0, len(run), per_forward):
+        chunk = run[first : first + per_forward]
+        batch = slabs[chunk].reshape(len(chunk), n_channels * (2 * k + 1), padded[0], padded[1])
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        probs = ensemble_probabilities(nets, weights, batch, flips, act, device, dtype, stats)
+        probs = ensemble_probabilities(nets, weights, batch, flips, act, device, dtype, stats, space=ensemble_space)
         if probs.shape[1] != output.channels:
             raise ValueError(f"the network puts out {probs.shape[1]} channels, the output spec says {output.channels}")
         probs = probs[:, :, off_h : off_h + h, off_w : off_w + w]
@@ -191,7 +221,7 @@ def _run_slices(strategy, nets, weights, image, patch_size, output: OutputSpec, 
 
 # ---------------------------------------------------------------------------- whole image
 def _run_whole_image(strategy, nets, weights, image, output: OutputSpec, device, dtype, mirror_axes,
-                     channels_last, stats):
+                     channels_last, stats, ensemble_space="probabilities"):
     grid = [int(g) for g in strategy.grid]
     shape = list(image.shape[1:])
     act = _activation(output.activation)
@@ -202,7 +232,7 @@ def _run_whole_image(strategy, nets, weights, image, output: OutputSpec, device,
         x = x.contiguous(memory_format=torch.channels_last_3d)
     heads: dict[str, torch.Tensor] = {}
     probs = ensemble_probabilities(nets, weights, x, _flip_combinations(mirror_axes), act, device, dtype, stats,
-                                   heads=heads)
+                                   heads=heads, space=ensemble_space)
     stats.n_windows += 1
     if probs.shape[1] != output.channels:
         raise ValueError(f"the network puts out {probs.shape[1]} channels, the output spec says {output.channels}")

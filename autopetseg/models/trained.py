@@ -9,7 +9,7 @@ from a checkpoint read with ``weights_only=True`` (``checkpoints.py``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,7 @@ from autopetseg.models.folders import (
     NetworkSpec,
     plans_hash,
     read_record,
+    read_head_thresholds,
     read_validation_score,
 )
 from autopetseg.models.methods import OutputSpec, StrategySpec
@@ -44,6 +45,7 @@ class TrainedStage:
     network: nn.Module
     checkpoint: Path
     validation_score: float | None  # the best checkpoint's validation mean DSC, None when unknown
+    head_thresholds: dict[str, float] = field(default_factory=dict)  # per head, from validation.json
 
 
 def _legacy_record(state: dict, model_dir: Path, fold: int | str, path: Path) -> FoldRecord:
@@ -104,7 +106,7 @@ def load_trained_stage(
     if record.channels_last_3d:
         network = network.to(memory_format=torch.channels_last_3d)
     network.eval()
-    return TrainedStage(fold, record, network, path, read_validation_score(folder))
+    return TrainedStage(fold, record, network, path, read_validation_score(folder), read_head_thresholds(folder))
 
 
 def check_one_plan(stages: Sequence[TrainedStage], where: Path) -> None:

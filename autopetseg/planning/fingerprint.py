@@ -126,6 +126,8 @@ class CaseFingerprint:
     shape_after_crop_zyx: list[int]
     body_voxels: int
     lesions: list[LesionStats] | None  # None: the case has no label
+    # The files it was measured from (``data.provenance``): a later run re-measures when they changed.
+    sources: dict | None = None
 
     @property
     def n_lesions(self) -> int | None:
@@ -142,6 +144,7 @@ class CaseFingerprint:
             shape_after_crop_zyx=[int(v) for v in d["shape_after_crop_zyx"]],
             body_voxels=int(d["body_voxels"]),
             lesions=None if lesions is None else [LesionStats(**les) for les in lesions],
+            sources=d.get("sources"),
         )
 
 
@@ -345,6 +348,7 @@ def measure_cropped(case: CroppedCase, seed: int = 0,
         shape_after_crop_zyx=bbox_shape(case.bbox_zyx),
         body_voxels=int(np.count_nonzero(mask)),
         lesions=lesions,
+        sources=case.sources,
     )
     return fp, CaseSamples(body=body_samples, lesion=lesion_samples)
 

@@ -29,6 +29,14 @@ and no pooling along z at stage 0. Features per stage: ``base_features`` · 2^s,
 ``max_features`` (320 as in nnU-Net; 512 for the GDFL network). The patch is rounded down to a
 multiple of the total stride per axis.
 
+**Per-network cost models.** ``plan_experiment(networks=..., cost=...)`` sizes ``3d_fullres`` once
+per network (``NETWORK_FAMILIES``: residual U-Net, Attention U-Net, SegResNet; the first under its
+own name, the others as ``3d_fullres_<network>`` on the same cache) with a ``CostFunction``; the
+pipeline passes ``models.costs.planner_cost``, which reads each network's own graph and is fitted
+per network (memory within 15 %, CPU seconds within 25 %; see that module). Without one, the
+closed-form residual U-Net models below are used (``analytic_resunet_cost``). Paper plans, fixed
+and never shrunk, are in ``named_plans``.
+
 **Memory model (GPU)** (``MemoryModel.estimate_bytes``). Training memory of the residual U-Net::
 
     bytes = batch · Σ_s F_s · V_s · T · b · k   +   P · 16   +   overhead
@@ -71,12 +79,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from autopetseg.errors import InputError
+from autopetseg.planning.axial2d import plan_2d_axial
+from autopetseg.planning.wholebody import plan_3d_wholebody
 from autopetseg.planning.fingerprint import Fingerprint
 from autopetseg.planning.plans import (
     ComputeBudget,
@@ -84,6 +94,7 @@ from autopetseg.planning.plans import (
     NetworkTopology,
     NormalizationPlan,
     Plans,
+    variant_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,7 +103,54 @@ IN_CHANNELS = 2  # PET, CT
 OUT_CHANNELS = 2  # background, lesion
 GB = 1024**3
 CORONAL_AXIS = 1  # y in (z, y, x)
-KNOWN_CONFIGURATIONS = ("3d_fullres", "2d", "2d_coronal")
+KNOWN_CONFIGURATIONS = ("3d_fullres", "2d", "2d_coronal", "2d_axial",  # 2d_axial: planning/axial2d.py
+                        "3d_wholebody")  # planning/wholebody.py
+
+
+@dataclass(frozen=True)
+class NetworkFamily:
+    """How the planner shapes one network's topology: features from ``base_features`` doubling per
+    stage up to ``max_features``, at most ``max_stages_3d`` stages (the CPU plan's limits apply on
+    top). Strides and kernels follow the spacing for every family (``plan_topology``)."""
+
+    name: str
+    base_features: int
+    max_features: int
+    max_stages_3d: int
+    num_res_units: int = 0
+
+
+# The networks the planner sizes (``plan_experiment(networks=...)``); each has a fitted cost model in
+# ``models.costs``. Residual U-Net: nnU-Net's widths (32..320, 6 stages; the GDFL paper's 32..512 is the
+# ``gdfl_paper`` plan); Attention U-Net and SegResNet: the L1DFL paper's widths (16..256 in 5 stages,
+# 16..128 in 4), fewer stages when the patch is small.
+NETWORK_FAMILIES: dict[str, NetworkFamily] = {
+    "resunet": NetworkFamily("resunet", 32, 320, 6, num_res_units=2),
+    "attention_unet": NetworkFamily("attention_unet", 16, 256, 5),
+    "segresnet": NetworkFamily("segresnet", 16, 128, 4),
+}
+DEFAULT_NETWORK = "resunet"
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """One training iteration of a network at a patch and batch: what the planner compares with the budget."""
+
+    parameters: int
+    gpu_memory_bytes: float  # under AMP
+    cpu_seconds: float  # on the budget's cores
+    cpu_memory_bytes: float = 0.0  # float32
+
+    def notes(self, device: str) -> dict[str, object]:
+        if device == "cpu":
+            return {"estimated_seconds_per_iteration": round(self.cpu_seconds, 3),
+                    "estimated_cpu_memory_gb": round(self.cpu_memory_bytes / GB, 2), "parameters": int(self.parameters)}
+        return {"estimated_gpu_memory_gb": round(self.gpu_memory_bytes / GB, 2), "parameters": int(self.parameters)}
+
+
+# (network, topology, patch, batch, cores) -> CostEstimate. ``models.costs.planner_cost`` is the one
+# fitted per network; without it the planner falls back to ``analytic_resunet_cost`` (residual U-Net only).
+CostFunction = Callable[[str, NetworkTopology, list[int], int, int], CostEstimate]
 
 
 @dataclass
@@ -363,6 +421,20 @@ def estimate_cpu_seconds(topology: NetworkTopology, patch: list[int], batch: int
     return 3 * batch * conv_flops(topology, patch) / (cpu.gflops_per_core * 1e9 * cores)
 
 
+def analytic_resunet_cost(settings: "PlannerSettings") -> CostFunction:
+    """The residual U-Net's closed-form models (``MemoryModel``, ``estimate_cpu_seconds``) as a cost
+    function: what the planner uses when no fitted per-network cost is given."""
+
+    def cost(network: str, topology: NetworkTopology, patch: list[int], batch: int, cores: int) -> CostEstimate:
+        if network != "resunet":
+            raise ValueError(f"the closed-form cost model covers the residual U-Net only, not {network!r}: "
+                             "pass cost=autopetseg.models.costs.planner_cost")
+        return CostEstimate(count_parameters(topology), settings.memory.estimate_bytes(topology, patch, batch),
+                            estimate_cpu_seconds(topology, patch, batch, cores, settings.cpu))
+
+    return cost
+
+
 # ---------------------------------------------------------------------------------------------
 # patch growth
 
@@ -440,24 +512,32 @@ def _plan_configuration(
     max_patch_voxels: int,
     max_batch: int,
     slice_axis: int | None,
+    family: NetworkFamily | None = None,
+    cost: CostFunction | None = None,
 ) -> ConfigurationPlan:
-    """Shared 2d/3d logic: grow the patch under the budget's cost model, then the batch."""
+    """Shared 2d/3d logic: grow the patch under the budget's cost model of ``family``'s network, then the batch."""
     cpu = budget.device == "cpu"
-    base = settings.cpu.base_features if cpu else settings.base_features
-    top = settings.cpu.max_features if cpu else settings.max_features
-    stages = min(max_stages, settings.cpu.max_stages) if cpu else max_stages
+    family = family or NetworkFamily(DEFAULT_NETWORK, settings.base_features, settings.max_features, max_stages,
+                                     settings.num_res_units)
+    cost = cost or analytic_resunet_cost(settings)
+    base = min(family.base_features, settings.cpu.base_features) if cpu else family.base_features
+    top = min(family.max_features, settings.cpu.max_features) if cpu else family.max_features
+    stages = min(max_stages, family.max_stages_3d if len(cap) == 3 else max_stages)
+    stages = min(stages, settings.cpu.max_stages) if cpu else stages
+    unit_settings = replace(settings, num_res_units=family.num_res_units)
 
     def make_topology(patch: list[int]) -> NetworkTopology:
-        return plan_topology(patch, plane_spacing, stages, base, top, settings)
+        return plan_topology(patch, plane_spacing, stages, base, top, unit_settings)
 
-    memory = settings.memory
     budget_bytes = budget.gpu_memory_gb * GB
+
+    def estimate(patch: list[int], topology: NetworkTopology, batch: int) -> CostEstimate:
+        return cost(family.name, topology, patch, batch, budget.cpu_cores)
 
     def cost_fits(patch: list[int], topology: NetworkTopology, batch: int) -> bool:
         if cpu:
-            seconds = estimate_cpu_seconds(topology, patch, batch, budget.cpu_cores, settings.cpu)
-            return seconds <= budget.cpu_seconds_per_iteration
-        return memory.estimate_bytes(topology, patch, batch) <= budget_bytes
+            return estimate(patch, topology, batch).cpu_seconds <= budget.cpu_seconds_per_iteration
+        return estimate(patch, topology, batch).gpu_memory_bytes <= budget_bytes
 
     min_batch = settings.cpu.batch_size if cpu else settings.min_batch_size
     if cpu:
@@ -476,13 +556,7 @@ def _plan_configuration(
         batch = _largest_batch(lambda b: cost_fits(patch, topology, b), min_batch, min(max_batch, by_data))
 
     notes: dict[str, object] = {"budget": asdict(budget), "fits_budget": fitted, "median_shape": [int(c) for c in cap]}
-    if cpu:
-        notes["estimated_seconds_per_iteration"] = round(
-            estimate_cpu_seconds(topology, patch, batch, budget.cpu_cores, settings.cpu), 3
-        )
-    else:
-        notes["estimated_gpu_memory_gb"] = round(memory.estimate_bytes(topology, patch, batch) / GB, 2)
-    notes["parameters"] = int(count_parameters(topology))
+    notes.update(estimate(patch, topology, batch).notes(budget.device))
     return ConfigurationPlan(
         name=name,
         data_identifier=data_identifier,
@@ -492,6 +566,7 @@ def _plan_configuration(
         network=topology,
         notes=notes,
         slice_axis=slice_axis,
+        network_name=family.name,
     )
 
 
@@ -499,10 +574,17 @@ def _median_shape(shapes: np.ndarray) -> list[int]:
     return [max(1, int(v)) for v in np.median(shapes, axis=0)]
 
 
-def plan_3d_fullres(fingerprint: Fingerprint, budget: ComputeBudget, spacing_zyx: list[float], settings: PlannerSettings) -> ConfigurationPlan:
+def plan_3d_fullres(fingerprint: Fingerprint, budget: ComputeBudget, spacing_zyx: list[float], settings: PlannerSettings,
+                    network: str = DEFAULT_NETWORK, cost: CostFunction | None = None,
+                    name: str = "3d_fullres") -> ConfigurationPlan:
+    """The 3d configuration sized for ``network`` (a key of ``NETWORK_FAMILIES``)."""
     shapes = resampled_shapes(fingerprint, spacing_zyx)
+    family = NETWORK_FAMILIES[network]
+    if network == DEFAULT_NETWORK:  # PlannerSettings.gdfl() and hand-made settings widen the residual U-Net
+        family = replace(family, base_features=settings.base_features, max_features=settings.max_features,
+                         max_stages_3d=settings.max_stages_3d, num_res_units=settings.num_res_units)
     return _plan_configuration(
-        "3d_fullres",
+        name,
         "3d_fullres",
         spacing_zyx,
         spacing_zyx,
@@ -514,6 +596,8 @@ def plan_3d_fullres(fingerprint: Fingerprint, budget: ComputeBudget, spacing_zyx
         settings.max_patch_voxels_3d,
         settings.max_batch_size_3d,
         None,
+        family,
+        cost,
     )
 
 
@@ -546,11 +630,17 @@ def plan_experiment(
     dataset_name: str = "",
     settings: PlannerSettings | None = None,
     target_spacing_zyx: list[float] | None = None,
+    networks: tuple[str, ...] | list[str] = (DEFAULT_NETWORK,),
+    cost: CostFunction | None = None,
 ) -> Plans:
     """Plans for ``configurations`` (``3d_fullres``, ``2d``, ``2d_coronal``) sized for ``budget``.
 
     ``target_spacing_zyx`` replaces the planned spacing (to add a configuration to plans whose
-    spacing was chosen, or edited, before). Deterministic: the same inputs give the same plans.
+    spacing was chosen, or edited, before). ``3d_fullres`` is sized for each of ``networks`` with
+    ``cost`` (``models.costs.planner_cost``; default: the residual U-Net's closed-form model): the
+    first under its own name, the others as ``3d_fullres_<network>`` on the same cache, so that every
+    method trains its own network at a size the budget holds. Deterministic: the same inputs give
+    the same plans.
     """
     settings = settings or PlannerSettings()
     budget.validate()
@@ -564,8 +654,19 @@ def plan_experiment(
     else:
         spacing = target_spacing(fingerprint, settings)
     planners = {"3d_fullres": plan_3d_fullres, "2d": plan_2d,
-                "2d_coronal": lambda *args: plan_2d(*args, name="2d_coronal")}
-    planned = {name: planners[name](fingerprint, budget, spacing, settings) for name in configurations}
+                "2d_coronal": lambda *args: plan_2d(*args, name="2d_coronal"),
+                "2d_axial": plan_2d_axial, "3d_wholebody": plan_3d_wholebody}
+    unknown_networks = [n for n in networks if n not in NETWORK_FAMILIES]
+    if unknown_networks or not networks:
+        raise InputError(f"the planner sizes the networks {sorted(NETWORK_FAMILIES)}, not {unknown_networks or networks}")
+    planned: dict[str, ConfigurationPlan] = {}
+    for name in configurations:
+        if name != "3d_fullres":
+            planned[name] = planners[name](fingerprint, budget, spacing, settings)
+            continue
+        for i, network in enumerate(networks):
+            key = name if i == 0 else variant_name(name, network)
+            planned[key] = plan_3d_fullres(fingerprint, budget, spacing, settings, network, cost, key)
     for name, conf in planned.items():
         logger.info(
             "%s: spacing %s mm, patch %s, batch %d, features %s",

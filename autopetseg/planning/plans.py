@@ -78,6 +78,9 @@ class ConfigurationPlan:
     # 2d only: the array axis (0 = z, 1 = y, 2 = x) the slices are taken across; 1 = coronal
     # slices, whose patch is a (z, x) pair. None for 3d.
     slice_axis: int | None = None
+    # The network patch, batch and topology were sized for (``models.networks.NETWORKS``); None in
+    # plans written before plans named their network.
+    network_name: str | None = None
 
     @property
     def ndim(self) -> int:
@@ -169,6 +172,33 @@ class Plans:
             raise InputError(f"configuration {name!r} is not in the plans (have: {sorted(self.configurations)})")
         return self.configurations[name]
 
+    def configuration_for(self, name: str, network: str, sized_networks: Sequence[str] = ()) -> ConfigurationPlan:
+        """Configuration ``name`` as planned for ``network``: the entry itself when it was sized for
+        that network, else its variant ``<name>_<network>`` (same cache, own patch, batch and
+        topology). A network in ``sized_networks`` (those the planner has a cost model for) that
+        the plans were not sized for is an error: building it from another network's plan is
+        what made a 30 M-parameter Attention U-Net out of the residual U-Net's plan. Plans from
+        before networks were named, and networks that size themselves from the patch (the
+        cascades' own networks), take the entry as it is."""
+        conf = self.configuration(name)
+        if conf.network_name in (None, network):
+            return conf
+        variant = self.configurations.get(variant_name(name, network))
+        if variant is not None:
+            return variant
+        if network in sized_networks:
+            planned = sorted({c.network_name for k, c in self.configurations.items()
+                              if k == name or k.startswith(name + "_")} - {None})
+            raise InputError(f"these plans have no {name!r} configuration sized for network {network!r} (only for "
+                             f"{', '.join(planned)}): plan again with this version of autopetseg, or choose "
+                             f"--network {planned[0]}")
+        return conf
+
+
+def variant_name(configuration: str, network: str) -> str:
+    """The key of ``configuration`` sized for another network than its default one."""
+    return f"{configuration}_{network}"
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -186,10 +216,13 @@ def _validate_configuration(c: ConfigurationPlan) -> None:
                 raise ValueError(f"{where}.{name} must hold positive integers, got {values!r}")
     if not _is_int(c.batch_size):
         raise ValueError(f"{where}.batch_size must be an integer, got {c.batch_size!r}")
-    if c.ndim == 2 and c.slice_axis not in (0, 1, 2):
-        raise ValueError(f"{where}.slice_axis must be 0, 1 or 2 for a 2d configuration, got {c.slice_axis!r}")
     if c.ndim not in (2, 3):
         raise ValueError(f"{where}.patch_size must have 2 or 3 entries, got {c.patch_size}")
+    if c.ndim == 2 and c.name.startswith("3d"):  # a 3D configuration edited to 2 entries, not a 2D one
+        raise ValueError(f"{where}.patch_size {c.patch_size} has 2 entries; {c.name!r} is a 3D configuration and "
+                         "needs 3 (z, y, x)")
+    if c.ndim == 2 and c.slice_axis not in (0, 1, 2):
+        raise ValueError(f"{where}.slice_axis must be 0, 1 or 2 for a 2d configuration, got {c.slice_axis!r}")
     if len(c.spacing_zyx) != 3 or any(s <= 0 for s in c.spacing_zyx):
         raise ValueError(f"{where}.spacing_zyx must be 3 positive numbers, got {c.spacing_zyx}")
     if c.batch_size < 1 or any(p < 1 for p in c.patch_size):

@@ -30,6 +30,7 @@ import numpy as np
 from autopetseg.data.imageio import Geometry
 from autopetseg.data.loading import LoadedCase
 from autopetseg.data.parallel import run_per_case
+from autopetseg.data.provenance import changed_sources
 from autopetseg.data.records import CaseRecord, Dataset
 from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json, save_npy, write_json
@@ -197,6 +198,7 @@ def preprocess_case(
     if case is None:
         case = load_cropped_case(record, settings=settings.body)
     data, seg, properties = preprocess_loaded_case(case, plans, conf, settings)
+    sources = case.sources
     del case  # the crop is no longer needed while the files are written
 
     if seg is None:
@@ -212,6 +214,7 @@ def preprocess_case(
         fg_seed=int(seed),
         cohort=record.cohort,
         patient=record.patient,
+        sources=sources,  # what it was made from (data.provenance): a later run redoes it when they change
     )
 
     files = case_files(out_dir, record.case_id)
@@ -305,13 +308,20 @@ def invert_probabilities(probabilities: np.ndarray, properties: dict, fill=0.0) 
 # --------------------------------------------------------------------------- a dataset
 
 
-def _is_complete(files: dict[str, Path], signature: dict) -> bool:
+def _is_complete(record: CaseRecord, files: dict[str, Path], signature: dict) -> bool:
+    """The case's cache files exist, were made with ``signature`` and from the files now on disk."""
     if not all(p.is_file() for p in files.values()):
         return False
     try:
-        return read_json(files["properties"]).get("preprocessing") == signature
+        properties = read_json(files["properties"])
     except (OSError, ValueError):
         return False
+    if properties.get("preprocessing") != signature:
+        return False
+    changes = changed_sources(record, properties.get("sources"))
+    if changes:
+        log.warning("case %r: %s since it was preprocessed; preprocessing it again", record.case_id, ", ".join(changes))
+    return not changes
 
 
 def _remove_stray_temporaries(out_dir: Path, case_id: str) -> None:
@@ -338,7 +348,8 @@ def preprocess_dataset(
     found there up to date are not read from the raw files again.
 
     One pass per distinct ``data_identifier`` among ``configurations``. A case whose properties
-    JSON exists and was made with the same settings is skipped unless ``overwrite``; stray
+    JSON exists and was made with the same settings from the same source files (size, modification
+    time, content hash: ``data.provenance``) is skipped unless ``overwrite``; stray
     temporary files of an interrupted run are removed first. Bad cases are collected while the
     good ones finish; any other error stops the run (``autopetseg.data.parallel.CaseFailed``).
     """
@@ -354,7 +365,8 @@ def preprocess_dataset(
         out_dir = preprocessed_dir / identifier
         out_dir.mkdir(parents=True, exist_ok=True)
         signature = _signature(plans, conf, settings)
-        todo = [r for r in dataset.cases if overwrite or not _is_complete(case_files(out_dir, r.case_id), signature)]
+        todo = [r for r in dataset.cases
+                if overwrite or not _is_complete(r, case_files(out_dir, r.case_id), signature)]
         log.info("%s: %d of %d cases to preprocess into %s", name, len(todo), len(dataset.cases), out_dir)
         for record in todo:
             _remove_stray_temporaries(out_dir, record.case_id)

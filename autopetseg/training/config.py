@@ -98,6 +98,17 @@ class TrainerConfig:
     # Intensity windows the network applies to its input: image channel ("PET" in SUV, "CT" in HU) ->
     # [low, high, to_low, to_high]: clipped to [low, high], mapped linearly onto [to_low, to_high].
     input_windows: dict[str, list[float]] = field(default_factory=dict)
+    # Settings of a variant's own that fit no field above (``cascade_3step``: ROI jitter, the detector's
+    # threshold search; ``training/cascade3.py``), merged over the variant's.
+    stage_settings: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock seconds this stage may take, validation included (``train --time-budget``): the
+    # schedule's length is fitted to it (``time_budget.py``), at most ``epochs x iterations_per_epoch``.
+    time_budget_s: float | None = None
+    # A patient-level 0/1 label: the clinical.csv column read by a variant with a classification head
+    # (multitask: "prognosis"); None for segmentation-only variants. It also stratifies the folds.
+    label_column: str | None = None
+    # Settings of a variant's own dataclass (multitask: ``MultitaskSettings``), checked by the variant.
+    method_settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,7 +128,10 @@ class TrainerConfig:
         return config
 
     def replace(self, **changes: Any) -> "TrainerConfig":
-        """A copy with ``changes``; ``augmentation`` may be given as a dict of its fields to change."""
+        """A copy with ``changes``; ``augmentation`` may be given as a dict of its fields to change, and
+        ``loss`` as a dict of the loss settings to change (the others keep the trainer's values)."""
+        if isinstance(changes.get("loss"), dict):
+            changes["loss"] = {**self.loss, **changes["loss"]}
         aug = changes.pop("augmentation", None)
         if isinstance(aug, dict):
             aug = dataclasses.replace(self.augmentation, **aug)
@@ -145,6 +159,8 @@ class TrainerConfig:
             raise ValueError(f"slice_axis must be 0, 1, 2 or None, got {self.slice_axis!r}")
         if self.slice_neighbours < 0:
             raise ValueError(f"slice_neighbours must be >= 0, got {self.slice_neighbours}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
         for channel, window in self.input_windows.items():
             if len(window) != 4 or not window[0] < window[1]:
                 raise ValueError(f"input_windows[{channel!r}] must be [low, high, to_low, to_high] with low < high, "

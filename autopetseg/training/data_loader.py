@@ -40,6 +40,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from autopetseg.errors import InputError
@@ -124,24 +125,19 @@ def load_cached_case(
 
 
 def extract_patch(array: np.ndarray, center_zyx: Sequence[int], size_zyx: Sequence[int], pad_value: float = BACKGROUND_VALUE) -> np.ndarray:
-    """The box of ``size_zyx`` around ``center_zyx`` from the last three axes of ``array``.
+    """The box of ``size_zyx`` around ``center_zyx`` from the last three axes of ``array``, as a new
+    array (never a view of a cached case).
 
     The box starts at ``center - size // 2``; the part outside the array is filled with
-    ``pad_value``. Leading axes (channels) are kept. Reads only the overlap (cheap on memmaps).
+    ``pad_value``. Leading axes (channels) are kept. acvl-utils' ``crop_and_pad_nd`` reads only the
+    overlap (cheap on memmaps).
     """
-    spatial = array.shape[-3:]
-    start = np.asarray(center_zyx, dtype=np.int64) - np.asarray(size_zyx, dtype=np.int64) // 2
-    stop = start + np.asarray(size_zyx, dtype=np.int64)
-    src_lo = np.clip(start, 0, spatial)
-    src_hi = np.clip(stop, 0, spatial)
-    out = np.full(array.shape[:-3] + tuple(int(s) for s in size_zyx), pad_value, dtype=array.dtype)
-    if np.all(src_hi > src_lo):
-        dst_lo = src_lo - start
-        dst_hi = dst_lo + (src_hi - src_lo)
-        src = (...,) + tuple(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi))
-        dst = (...,) + tuple(slice(int(a), int(b)) for a, b in zip(dst_lo, dst_hi))
-        out[dst] = array[src]
-    return out
+    start = [int(c) - int(s) // 2 for c, s in zip(center_zyx, size_zyx)]
+    box = [[a, a + int(s)] for a, s in zip(start, size_zyx)]
+    if any(hi <= 0 or lo >= n for (lo, hi), n in zip(box, array.shape[-3:])):  # acvl-utils gives zeros here
+        return np.full(array.shape[:-3] + tuple(int(s) for s in size_zyx), pad_value, dtype=array.dtype)
+    patch = crop_and_pad_nd(array, box, pad_value=pad_value)
+    return patch if patch.flags.owndata and not isinstance(patch, np.memmap) else np.array(patch)
 
 
 def check_patch_layout(patch_size: Sequence[int], slice_axis: int | None, neighbours: int) -> None:

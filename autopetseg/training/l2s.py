@@ -23,8 +23,11 @@ of the engine (±15°, 0.2), iterations per epoch the engine's (250).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +35,7 @@ from torch import nn
 from autopetseg.models.folders import NetworkSpec
 from autopetseg.models.methods import OutputSpec, StrategySpec
 from autopetseg.models.networks.l2s import PAPER_SEGMENTER_FEATURES, PAPER_SEGMENTER_LEVELS, segmenter_topology
-from autopetseg.planning.plans import NormalizationPlan
+from autopetseg.planning.plans import ConfigurationPlan, NormalizationPlan
 from autopetseg.training.data_loader import make_train_loader
 from autopetseg.training.losses import DiceLoss
 from autopetseg.training.trainer import Trainer, lr_factor_schedule
@@ -85,6 +88,52 @@ def input_windows(windows: dict[str, list[float]], normalization: NormalizationP
             low, high = ((float(v) - lo) / (hi - lo) for v in (low, high))
         out += [[c * slab + j, float(low), float(high), float(to_low), float(to_high)] for j in range(slab)]
     return out
+
+
+def network_flops(spec: NetworkSpec, patch: list[int], batch: int = 1) -> float:
+    """Forward FLOPs of ``spec``'s network on a batch of patches (counted by torch on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        network = spec.build()
+        x = torch.zeros([batch, spec.in_channels, *patch])
+    with FlopCounterMode(display=False) as counter:
+        network(x)
+    return float(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class CpuPatchRule:
+    """The segmenter's patch on a CPU plan (``plans.budget.device == "cpu"``, no ``patch_size`` given).
+
+    The planner sizes a configuration's patch for its residual U-Net (``resunet``) and the CPU
+    budget; L2SNet's 3D U-Net convolves twice at full resolution with 16 filters and costs about 8
+    times its FLOPs per voxel. So its patch is the largest one of the planner's kind (equal physical
+    extent per axis, in steps of the finest spacing, capped at the planned patch, a multiple of the
+    network's stride) whose forward FLOPs are at most ``cost_ratio`` times the planned network's on
+    the planned patch: an iteration then costs what the plan's own network costs, and the cascade's
+    two stages train in the budget of one. On a GPU plan the planned patch is kept.
+    """
+
+    cost_ratio: float = 1.0
+    reference_network: str = "resunet"  # the network the planner's cost model describes
+
+    def patch(self, configuration: ConfigurationPlan, spec: NetworkSpec) -> list[int]:
+        planned = [int(p) for p in configuration.patch_size]
+        reference = NetworkSpec(self.reference_network, configuration.network, spec.in_channels, 2)
+        stride = [int(t) for t in spec.topology.total_stride]
+        # FLOPs are proportional to the voxels for patches that are multiples of the stride.
+        per_voxel = network_flops(spec, stride) / math.prod(stride)
+        max_voxels = self.cost_ratio * network_flops(reference, planned) / per_voxel
+        spacing = np.asarray(configuration.spacing_zyx, dtype=float)
+        step, longest = float(spacing.min()), float(np.max(np.asarray(planned) * spacing))
+        best = stride
+        for k in range(1, int(math.ceil(longest / step)) + 1):
+            wanted = np.clip(np.round(k * step / spacing), 1, planned).astype(int)
+            patch = [max(t, int(w) // t * t) for w, t in zip(wanted, stride)]
+            if math.prod(patch) <= max_voxels and math.prod(patch) > math.prod(best):
+                best = patch
+        return best
 
 
 class L2STrainer(Trainer):
@@ -178,6 +227,13 @@ class L2SSegmenterTrainer(L2STrainer):
         "network_options": {"levels": PAPER_SEGMENTER_LEVELS, "base_features": PAPER_SEGMENTER_FEATURES, "norm": "layer"},
     }
 
+    cpu_patch = CpuPatchRule()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.patch_size is None and self.plans.budget.device == "cpu":
+            self.patch_size = self.cpu_patch.patch(self.configuration, self.network_spec())
+
     def network_spec(self) -> NetworkSpec:
         options = {**type(self).config_defaults["network_options"], **self.network_options()}
         topology = segmenter_topology(self.configuration.network, options.pop("levels"), options.pop("base_features"))
@@ -193,4 +249,4 @@ class L2SSegmenterTrainer(L2STrainer):
 
 L2S_TRAINERS: dict[str, type[Trainer]] = {t.name: t for t in (L2SLocalizerTrainer, L2SSegmenterTrainer)}
 
-__all__ = ["CueWeightedBCEDiceLoss", "L2SLocalizerTrainer", "L2SSegmenterTrainer", "L2S_TRAINERS", "input_windows"]
+__all__ = ["CpuPatchRule", "CueWeightedBCEDiceLoss", "L2SLocalizerTrainer", "L2SSegmenterTrainer", "L2S_TRAINERS", "input_windows"]

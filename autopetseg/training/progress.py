@@ -41,9 +41,12 @@ def plot_progress(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     validated = [(r["epoch"], r["val_mean_dsc"]) for r in rows if _is_number(r.get("val_mean_dsc"))]
     ax_dsc = ax_loss.twinx()
     if validated:
-        ax_dsc.plot(*zip(*validated), color="tab:green", marker="o", markersize=3, label="validation mean DSC")
+        # Drawn above the axes' frame, and the range starts below 0: a DSC of 0 (nothing found yet)
+        # must show as a line, not vanish under the bottom spine.
+        ax_dsc.plot(*zip(*validated), color="tab:green", marker="o", markersize=3, zorder=3, clip_on=False,
+                    label=validation_label(validated))
     ax_dsc.set_ylabel("mean DSC")
-    ax_dsc.set_ylim(0, 1)
+    ax_dsc.set_ylim(-0.04, 1.04)
     lines = ax_loss.get_lines() + ax_dsc.get_lines()
     ax_loss.legend(lines, [l.get_label() for l in lines], loc="upper right")
     ax_lr.plot(epochs, [r["lr"] for r in rows], color="tab:orange")
@@ -53,6 +56,13 @@ def plot_progress(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
+
+
+def validation_label(validated: Sequence[tuple[float, float]]) -> str:
+    """Legend text of the validation curve with its last and best values (a flat 0 reads as 0)."""
+    last = validated[-1][1]
+    best_epoch, best = max(validated, key=lambda pair: pair[1])
+    return f"validation mean DSC (last {last:.3f}, best {best:.3f} at epoch {best_epoch:g})"
 
 
 def _is_number(value) -> bool:

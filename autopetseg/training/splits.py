@@ -11,7 +11,12 @@ and makes fold f's validation set the union of the cohorts' f-th parts. Here:
   studies) into the part with the fewest studies of that cohort; ties go to the part with the
   fewest studies over all cohorts so far, then to the lowest index, which keeps the folds
   balanced in size as well as in cohort mix;
-- the result does not depend on the order of ``cases``.
+- the result does not depend on the order of ``cases``;
+- with a ``label_column`` (a patient-level 0/1 label in the cases' ``clinical`` fields, e.g. the
+  multitask trainer's ``prognosis``) the strata are (cohort, label) instead of the cohort, so each
+  fold also gets its share of each class (patients without a label form a stratum of their own).
+  Such splits are kept in their own file (``splits_file_name``), so that the folds of models
+  already trained on ``splits.json`` never change.
 
 The file format is nnU-Net's ``splits_final.json``: a list of ``{"train": [...], "val": [...]}``,
 so a user may bring one made elsewhere; ``load_or_create_splits`` respects it.
@@ -31,11 +36,29 @@ from autopetseg.io_utils import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
+N_FOLDS = 5  # folds of a new splits file (nnU-Net's five-fold cross-validation)
+
 Split = dict[str, list[str]]
 
 
-def _patients_by_cohort(cases: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[str]]]:
-    """cohort key -> patient -> sorted case ids; the cohort key of ``None`` is ``""``."""
+def splits_file_name(label_column: str | None = None) -> str:
+    """``splits.json``, or ``splits_<label_column>.json`` for folds stratified by that label as well."""
+    return "splits.json" if label_column is None else f"splits_{label_column}.json"
+
+
+def _stratum(case: Mapping[str, Any], label_column: str | None) -> str:
+    cohort = case.get("cohort")
+    key = "" if cohort is None else str(cohort)
+    if label_column is None:
+        return key
+    label = (case.get("clinical") or {}).get(label_column)
+    return f"{key}|{'' if label in (None, '') else label}"
+
+
+def _patients_by_cohort(cases: Sequence[Mapping[str, Any]],
+                        label_column: str | None = None) -> dict[str, dict[str, list[str]]]:
+    """stratum -> patient -> sorted case ids; the stratum is the cohort (``""`` for ``None``), with
+    ``label_column`` the cohort and the label of the patient's first study."""
     seen: set[str] = set()
     for case in cases:
         case_id = case["case_id"]
@@ -47,20 +70,21 @@ def _patients_by_cohort(cases: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
         patient_cases[case.get("patient") or case["case_id"]].append(case)
     cohorts: dict[str, dict[str, list[str]]] = defaultdict(dict)
     for patient, studies in patient_cases.items():
-        cohort = studies[0].get("cohort")
-        cohorts["" if cohort is None else str(cohort)][patient] = [c["case_id"] for c in studies]
+        cohorts[_stratum(studies[0], label_column)][patient] = [c["case_id"] for c in studies]
     return cohorts
 
 
-def make_splits(cases: Sequence[Mapping[str, Any]], n_folds: int = 5, seed: int = 12345) -> list[Split]:
-    """Split ``cases`` (dicts with ``case_id``, ``patient``, ``cohort``) into ``n_folds`` folds.
+def make_splits(cases: Sequence[Mapping[str, Any]], n_folds: int = N_FOLDS, seed: int = 12345,
+                label_column: str | None = None) -> list[Split]:
+    """Split ``cases`` (dicts with ``case_id``, ``patient``, ``cohort``; ``clinical`` with a
+    ``label_column``) into ``n_folds`` folds, stratified by cohort (and label).
 
     Returns one ``{"train": ids, "val": ids}`` per fold, ids sorted. Raises ``InputError`` when a
     fold would get no validation case (fewer patients than folds).
     """
     if n_folds < 2:
         raise InputError(f"cross-validation needs at least 2 folds, got n_folds={n_folds}")
-    cohorts = _patients_by_cohort(cases)
+    cohorts = _patients_by_cohort(cases, label_column)
     rng = np.random.default_rng(seed)
     fold_cases: list[list[str]] = [[] for _ in range(n_folds)]
     for cohort in sorted(cohorts):
@@ -117,7 +141,8 @@ def validate_splits(raw: Any, known_case_ids: Sequence[str], path: str | Path | 
 
 
 def load_or_create_splits(
-    path: str | Path, cases: Sequence[Mapping[str, Any]], n_folds: int = 5, seed: int = 12345
+    path: str | Path, cases: Sequence[Mapping[str, Any]], n_folds: int = N_FOLDS, seed: int = 12345,
+    label_column: str | None = None,
 ) -> list[Split]:
     """Read ``path`` if it exists (a user's file is respected after validation), else make and write it."""
     path = Path(path)
@@ -131,7 +156,12 @@ def load_or_create_splits(
         if len(splits) != n_folds:
             logger.info("using %d folds from existing %s (asked for %d)", len(splits), path, n_folds)
         return splits
-    splits = make_splits(cases, n_folds=n_folds, seed=seed)
+    if label_column is not None and not any((c.get("clinical") or {}).get(label_column) not in (None, "")
+                                            for c in cases):
+        columns = sorted({k for c in cases for k in (c.get("clinical") or {})})
+        raise InputError(f"no case has a value in column {label_column!r} of clinical.csv (columns found: "
+                         f"{', '.join(columns) or 'none'})", file=path.parent / "dataset.json")
+    splits = make_splits(cases, n_folds=n_folds, seed=seed, label_column=label_column)
     write_json(path, splits)
     logger.info("wrote %d-fold splits to %s", n_folds, path)
     return splits

@@ -17,7 +17,8 @@ by the spatial augmentation with the image, and become extra input channels.
 
 Hooks a variant may override: ``network_spec`` (the network, as data: inference rebuilds it from
 the fold record without any trainer), ``build_loss``, ``configure_optimizer``,
-``make_train_loader``, ``prepare_batch``, ``compute_loss(outputs, batch)``, ``validate_case``,
+``make_train_loader``, ``prepare_batch``, ``forward_train(batch)`` (default: the network of
+``batch["input"]``), ``compute_loss(outputs, batch)``, ``validate_case``,
 ``summarize_validation``, ``strategy``; class attributes ``name``, ``config_defaults`` (the
 variant's hyper-parameters), ``output`` (``OutputSpec``: activation, channels, lesion channel,
 threshold), ``selection_metric`` and ``selection_mode``.
@@ -83,6 +84,7 @@ from autopetseg.scoring.metrics import aggregate, case_metrics
 from autopetseg.training.config import TrainerConfig
 from autopetseg.training.data_loader import CachedCase, load_cached_case, make_train_loader
 from autopetseg.training.progress import plot_progress, write_training_log
+from autopetseg.training.time_budget import TimeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,11 @@ class Trainer:
     selection_metric = "mean_dsc"  # key of the validation summary that picks checkpoint_best
     selection_mode = "max"
     label_column: str | None = None  # a clinical.csv column whose 0/1 value rides along as batch["case_label"]
+
+    @classmethod
+    def check_requirements(cls) -> None:
+        """Raise an ``InputError`` naming the install line when an optional package the variant needs is
+        missing (checked before anything is written)."""
 
     @classmethod
     def output_prior_is_safe(cls, loss_settings: dict[str, Any] | None = None) -> bool:
@@ -179,6 +186,10 @@ class Trainer:
         self.best_score = self._worst()
         self.best_epoch: int | None = None
         self.log_rows: list[dict[str, Any]] = []
+        # ``config.time_budget_s``: the schedule fitted to the time (``time_budget.py``). The deadline
+        # (``time.time()``) defaults to set-up time + budget; ``run_training`` sets it for each stage.
+        self.budget_deadline: float | None = None
+        self.time_budget: TimeBudget | None = None
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -311,6 +322,10 @@ class Trainer:
         moved["input"] = inputs.contiguous(memory_format=memory) if inputs.ndim == 5 else inputs.contiguous()
         return moved
 
+    def forward_train(self, batch: dict[str, Any]):
+        """The training network's outputs for a prepared batch (a detector also takes the batch's targets)."""
+        return self.train_network(batch["input"])
+
     def compute_loss(self, outputs, batch: dict[str, Any]) -> torch.Tensor:
         # Outside autocast, in float32: losses with sums over whole patches lose precision in bf16.
         return self.loss(outputs.float(), batch["target"])
@@ -338,6 +353,8 @@ class Trainer:
             self.network = self.network.to(memory_format=torch.channels_last_3d)
         self.loss = self.build_loss().to(self.device)
         self.optimizer, self.scheduler = self.configure_optimizer(self.network.parameters())
+        if self.config.time_budget_s is not None:
+            self._start_time_budget(self.budget_deadline or time.time() + self.config.time_budget_s)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if continue_training:
             self._resume()
@@ -388,9 +405,11 @@ class Trainer:
         return None
 
     def initialize_output_prior(self, prior: float) -> None:
-        """Bias of the layer that makes the logits. Softmax: log-odds of 1 - ``prior`` (class 0), of
-        ``prior`` (others); sigmoid: the log-odds of ``prior`` on every channel (a lesion probability
-        of ``prior`` at the start).
+        """Bias of the layer that makes the logits, so that the lesion probability at the start is
+        ``prior``. Softmax over K channels: log(``prior``) on every foreground channel and
+        log(1 - (K - 1)·``prior``) on the background, so softmax(bias) is exactly ``prior`` per
+        foreground channel (biases ±logit(``prior``) would give p²/(p² + (1 - p)²), 0.0001 for 0.01);
+        sigmoid: the log-odds of ``prior`` on every channel.
 
         The output layer is found by running one patch through the network (eval mode, no
         gradient): the last convolution executed with ``num_classes`` output channels. Its bias
@@ -415,11 +434,16 @@ class Trainer:
         if not executed or executed[-1].bias is None:
             logger.warning("no output convolution with a bias found; output_prior ignored")
             return
-        log_odds = math.log(prior / (1.0 - prior))
+        bias = executed[-1].bias
         with torch.no_grad():
-            executed[-1].bias.fill_(log_odds)
             if self.output.activation == "softmax":
-                executed[-1].bias[0] = -log_odds
+                background = 1.0 - (bias.numel() - 1) * prior
+                if not background > 0:
+                    raise ValueError(f"output_prior {prior} is too large for {bias.numel() - 1} foreground classes")
+                bias.fill_(math.log(prior))
+                bias[0] = math.log(background)
+            else:
+                bias.fill_(math.log(prior / (1.0 - prior)))
 
     def _description(self) -> dict[str, Any]:
         return {
@@ -436,6 +460,7 @@ class Trainer:
             "train_cases": self.train_case_ids,
             "val_cases": self.val_case_ids,
             "config": self.config.to_dict(),
+            **({"time_budget": self.time_budget.report()} if self.time_budget is not None else {}),
         }
 
     # ------------------------------------------------------------------ loop
@@ -447,33 +472,105 @@ class Trainer:
     def fit(self) -> Path:
         """The epoch loop, from ``start_epoch`` (after ``setup``)."""
         cfg = self.config
-        if self.start_epoch >= cfg.epochs and (self.output_dir / CHECKPOINT_FINAL).is_file():
-            logger.info("%s already trained to %d epochs; nothing to do", self.output_dir, cfg.epochs)
+        budget = self.time_budget
+        if self.start_epoch >= self.planned_epochs and (self.output_dir / CHECKPOINT_FINAL).is_file():
+            logger.info("%s already trained to %d epochs; nothing to do", self.output_dir, self.planned_epochs)
             return self.output_dir
-        for epoch in range(self.start_epoch, cfg.epochs):
+        if budget is not None:
+            budget.start(self.start_epoch * cfg.iterations_per_epoch)
+        epoch = self.start_epoch
+        while epoch < self.planned_epochs:  # a time budget may move the end while training
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
+            if budget is not None:
+                budget.start_epoch(epoch)
             train_loss = self.train_epoch()
-            due = (epoch + 1) % cfg.validation_interval == 0 or epoch == cfg.epochs - 1
+            due = (epoch + 1) % cfg.validation_interval == 0 or epoch == self.planned_epochs - 1
             validation = self.validate() if due and self.dist.is_main and self.val_cases else None
+            bookkeeping = time.perf_counter()
             self.end_epoch(epoch, train_loss, lr, validation, time.perf_counter() - started)
+            if budget is not None:
+                self._record_epoch_times(validation is not None, bookkeeping - started, time.perf_counter() - bookkeeping)
+            epoch += 1
         if self.dist.is_main:
-            self._save_checkpoint(CHECKPOINT_FINAL, cfg.epochs - 1)
+            self._save_checkpoint(CHECKPOINT_FINAL, self.planned_epochs - 1)
             if self.best_epoch is None:  # never validated (fold "all" without validation cases)
-                self._save_checkpoint(CHECKPOINT_BEST, cfg.epochs - 1)
+                self._save_checkpoint(CHECKPOINT_BEST, self.planned_epochs - 1)
+            if budget is not None:
+                write_json(self.output_dir / "config.json", self._description())
+                logger.info("time budget: %d iterations in %d epochs, %.0f s before the deadline",
+                            budget.step, self.planned_epochs, budget.deadline - time.time() if budget.deadline else 0)
         self.dist.barrier()
         return self.output_dir
 
+    @property
+    def planned_epochs(self) -> int:
+        """Epochs of this run: ``config.epochs``, or as many as the time budget plans (the last may be short)."""
+        return self.config.epochs if self.time_budget is None else self.time_budget.planned_epochs
+
+    # ------------------------------------------------------------------ time budget
+    def _start_time_budget(self, deadline: float | None, state: dict | None = None) -> None:
+        """Fit the schedule to the time left before ``deadline`` (``None``: the plan in ``state``)."""
+        cfg = self.config
+        self.time_budget = TimeBudget(deadline, cfg.time_budget_s, cfg.iterations_per_epoch,
+                                      cfg.epochs * cfg.iterations_per_epoch, cfg.validation_interval,
+                                      self.estimate_validation_seconds)
+        if state is not None:
+            self.time_budget.restore(state)
+        self.time_budget.warp(self.scheduler)
+
+    def estimate_validation_seconds(self, seconds_per_step: float) -> float:
+        """A validation's time until one is measured: windows over the validation volumes, each about
+        ``forward_share`` of a training step per patch."""
+        if not getattr(self, "val_cases", None):
+            return 0.0
+        step = 1.0 - self.config.validation_overlap
+
+        def per_axis(size: int, patch: int) -> int:
+            return 1 if size <= patch else math.ceil((size - patch) / (patch * step)) + 1
+
+        windows = 0
+        for case in self.val_cases:
+            shape = list(case.seg.shape)
+            if len(self.patch_size) == 2:  # slices across the slice axis, windows in their plane
+                windows += shape.pop(self.configuration.slice_axis or 0) * math.prod(map(per_axis, shape, self.patch_size))
+            else:
+                windows += math.prod(map(per_axis, shape, self.patch_size))
+        return windows * self.time_budget.settings.forward_share * seconds_per_step / self.batch_size
+
+    def _record_epoch_times(self, validated: bool, until_bookkeeping: float, bookkeeping: float) -> None:
+        """Give the budget this epoch's validation and bookkeeping times; record the plan in config.json."""
+        budget = self.time_budget
+        if validated:
+            budget.record_validation(until_bookkeeping - self._last_train_seconds)
+        budget.record_overhead(bookkeeping)
+        if self.dist.is_main:
+            write_json(self.output_dir / "config.json", self._description())
+
+    def _broadcast_from_main(self, values):
+        """Rank 0's integers on every rank (the time budget's plan must be the same everywhere)."""
+        if not self.dist.enabled:
+            return values
+        tensor = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()
+
     def train_epoch(self) -> float:
+        started = time.perf_counter()
         self.train_network.train()
         total = torch.zeros((), device=self.device)
+        steps = 0
         for _ in range(self.config.iterations_per_epoch):
             total += self.train_step(next(self.train_loader))
+            steps += 1
+            if self.time_budget is not None and self.time_budget.after_step(self._broadcast_from_main):
+                break  # the planned steps are done: this is the last epoch
         if self.dist.enabled:
             dist.all_reduce(total)
             total /= self.dist.world_size
             self._sync_buffers()
-        return float(total) / self.config.iterations_per_epoch
+        self._last_train_seconds = time.perf_counter() - started
+        return float(total) / steps
 
     def _sync_buffers(self) -> None:
         """Average the float buffers (batch-norm running statistics) over the ranks.
@@ -493,7 +590,7 @@ class Trainer:
         batch = self.prepare_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
-            outputs = self.train_network(batch["input"])
+            outputs = self.forward_train(batch)
         loss = self.compute_loss(outputs, batch)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip_norm is not None:
@@ -609,17 +706,36 @@ class Trainer:
             "config": self.config.to_dict(),
             "patch_size": self.patch_size,
             "configuration": self.configuration.name,
+            **({"time_budget": self.time_budget.state()} if self.time_budget is not None else {}),
         }
 
     def _save_checkpoint(self, filename: str, epoch: int) -> None:
         save_checkpoint(self.output_dir / filename, self.checkpoint_state(epoch))
+
+    def _load_resume_state(self, latest: Path) -> dict[str, Any]:
+        """The state to resume from: ``latest``, or, when it is unreadable (a truncated file: a full
+        disk, a copy cut short), the best checkpoint, which holds the same state at an earlier epoch;
+        a warning says so. Neither readable: an ``InputError`` naming both."""
+        try:
+            return load_checkpoint(latest, map_location=self.device)
+        except InputError as error:
+            fallback = self.output_dir / CHECKPOINT_BEST
+            try:
+                state = load_checkpoint(fallback, map_location=self.device)
+            except InputError:
+                raise InputError(f"cannot resume: {CHECKPOINT_LATEST} is unreadable ({error.reason}) and there is no "
+                                 f"readable {CHECKPOINT_BEST} to fall back to; train this fold again without "
+                                 "--continue", file=latest) from None
+            logger.warning("%s is unreadable (%s); resuming from %s, epoch %s, instead", latest, error.reason,
+                           CHECKPOINT_BEST, state.get("epoch"))
+            return state
 
     def _resume(self) -> None:
         path = self.output_dir / CHECKPOINT_LATEST
         if not path.is_file():
             logger.warning("no %s in %s; training from scratch", CHECKPOINT_LATEST, self.output_dir)
             return
-        state = load_checkpoint(path, map_location=self.device)
+        state = self._load_resume_state(path)
         saved = state.get("config", {})
         for key in ("epochs", "iterations_per_epoch", "learning_rate", "schedule"):
             if key in saved and saved[key] != getattr(self.config, key):
@@ -629,6 +745,11 @@ class Trainer:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("time_budget") is not None:
+            if self.time_budget is None:  # a budget run continued without one: to its planned end
+                self._start_time_budget(None, state["time_budget"])
+            else:
+                self.time_budget.restore(state["time_budget"])
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             # The optimizer comes back with the last learning rate of the saved run; take the next one
             # from this run's schedule (the same value unless epochs or iterations changed).

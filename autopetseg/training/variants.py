@@ -12,7 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from autopetseg.training.cascade3 import CASCADE3_TRAINERS
 from autopetseg.training.l2s import L2S_TRAINERS
+from autopetseg.training.multitask import MultitaskTrainer
 from autopetseg.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -129,10 +131,16 @@ class DiceTrainer(L1DFLTrainer):
 
 
 class DiceFocalTrainer(L1DFLTrainer):
-    """L1DFL paper's Dice focal baseline: Dice (equation (1)) + focal (gamma 2, alpha 1), equation (3)."""
+    """L1DFL paper's Dice focal baseline: Dice (equation (1)) + focal (gamma 2, alpha 1), equation (3).
+
+    ``loss.focal_activation``: "softmax" (default: the paper's equation, and the same focal term as
+    L1DFL, so that the two differ only in the Dice weighting) or "sigmoid" (the authors' code used
+    MONAI's ``DiceFocalLoss``, whose focal term is per-channel sigmoid): ``train --loss focal_activation=sigmoid``.
+    """
 
     name = "dicefocal"
-    config_defaults = {**L1DFL_PAPER_DEFAULTS, "loss": {"squared_denominator": False, "gamma": 2.0}}
+    config_defaults = {**L1DFL_PAPER_DEFAULTS,
+                       "loss": {"squared_denominator": False, "gamma": 2.0, "focal_activation": "softmax"}}
 
     def build_loss(self) -> nn.Module:
         from autopetseg.training.losses import DiceFocalLoss
@@ -147,6 +155,8 @@ TRAINERS: dict[str, type[Trainer]] = {
     "dice": DiceTrainer,
     "dicefocal": DiceFocalTrainer,
     **L2S_TRAINERS,  # l2s_localizer, l2s_segmenter: the stages of cascade_l2s
+    **CASCADE3_TRAINERS,  # cascade3_classifier, _detector, _roi_segmenter: the stages of cascade_3step
+    "multitask": MultitaskTrainer,  # Liu et al.: segmentation + prognosis
 }
 
 

@@ -10,7 +10,9 @@ from torch import nn
 
 from autopetseg.planning.plans import NetworkTopology
 from autopetseg.models.networks.attention_unet import AttentionUNet, AttentionUNetOptions
+from autopetseg.models.networks.cascade3 import LesionDetector, RoiUNet, SliceClassifier
 from autopetseg.models.networks.l2s import L2SLocalizerUNet, L2SUNet3D
+from autopetseg.models.networks.multitask_unet import MultitaskUNet
 from autopetseg.models.networks.resunet import ResidualUNet, ResidualUNetOptions
 from autopetseg.models.networks.segresnet import SegResNet, SegResNetOptions
 
@@ -21,6 +23,11 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "segresnet": SegResNet,  # L1DFL paper
     "l2s_localizer": L2SLocalizerUNet,  # L2SNet paper, 2D localizer
     "l2s_unet3d": L2SUNet3D,  # L2SNet paper, 3D segmenter
+    # cascade_3step (Ahamed et al.): torchvision is imported when one of them is built
+    "cascade3_classifier": SliceClassifier,
+    "cascade3_detector": LesionDetector,
+    "cascade3_roi_unet": RoiUNet,
+    "multitask_unet": MultitaskUNet,  # Liu et al., segmentation + prognosis heads
 }
 
 
