@@ -110,7 +110,7 @@ def _loss_setting(text: str) -> tuple[str, object]:
 
 
 def cmd_train(args) -> int:
-    started = time.time()  # a --time-budget counts from here, torch's import included
+    started = getattr(args, "started", time.time())  # a --time-budget counts from main(), torch's import included
     from autopetseg.training.run import run_training
 
     from autopetseg.models.folders import parse_fold
@@ -433,7 +433,9 @@ def _environment_fault(error: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

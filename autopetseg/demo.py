@@ -46,16 +46,13 @@ class DemoSettings:
     after_training_s: float = 60.0
     # TrainerConfig fields. None: start from "all background" (focal-loss prior, output_prior 0.01)
     # because the short CPU schedule otherwise spends its first ~60 iterations unlearning the initial
-    # 50% lesion output (measured on tiny phantoms); not for a trainer whose loss that start traps
-    # in predicting nothing (l1dfl; ``Trainer.output_prior_is_safe``).
+    # 50% lesion output (measured on tiny phantoms).
     training_overrides: dict | None = None
 
     def resolved_training_overrides(self) -> dict:
         if self.training_overrides is not None:
             return dict(self.training_overrides)
-        from autopetseg.training.variants import get_trainer_class  # torch: only when the demo runs
-
-        return {"output_prior": 0.01} if get_trainer_class(self.trainer).output_prior_is_safe() else {}
+        return {"output_prior": 0.01}
 
 
 @dataclass

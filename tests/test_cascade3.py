@@ -269,7 +269,7 @@ def _with_axial(plans):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("preprocessed")
-    write_tiny_cache(root, n_cases=12, n_lesion_free=2, seed=1, plans=_with_axial(tiny_plans()))
+    write_tiny_cache(root, n_cases=20, n_lesion_free=2, seed=1, plans=_with_axial(tiny_plans()))
     return root
 
 
@@ -311,11 +311,12 @@ def test_the_trainers_follow_the_paper_and_their_batches_hold_what_they_should(t
 
 
 # Short CPU runs: a larger learning rate for the classifier (the paper's 1e-5 is for an ImageNet-initialised
-# ResNet152 over 200 epochs), a few dozen iterations per module.
-FAST = dict(num_workers=0, epochs=3, device="cpu")
-CLASSIFIER_FAST = dict(iterations_per_epoch=12, learning_rate=1e-3)
-DETECTOR_FAST = dict(iterations_per_epoch=15)
-SEGMENTER_FAST = dict(iterations_per_epoch=12)
+# ResNet152 over 200 epochs), a few dozen iterations per module, two epochs (checkpoints of a ResNet18 and its
+# Adam state are ~130 MB each).
+FAST = dict(num_workers=0, epochs=2, device="cpu")
+CLASSIFIER_FAST = dict(iterations_per_epoch=15, learning_rate=1e-3)
+DETECTOR_FAST = dict(iterations_per_epoch=50)
+SEGMENTER_FAST = dict(iterations_per_epoch=15)
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +343,7 @@ def test_each_module_learns_and_stores_its_thresholds_with_its_weights(trained):
     detector = _validation(trained.fold / "detector")
     segmenter = _validation(trained.fold / "roi_segmenter")
     assert classifier["auc"] > 0.85 and classifier["sensitivity"] > 0.6
+    # untrained, the detector finds nothing (mAP@0.5 0); 100 iterations from scratch find part of the lesions
     assert detector["lesion_recall"] >= 0.5 and detector["map50"] > 0.2
     assert segmenter["roi_dice"] > 0.5
     assert segmenter["selection_metric"] == "mean_dsc" and segmenter["mean_dsc"] > 0.2  # the whole cascade, 3D
@@ -364,11 +366,12 @@ def test_the_trained_cascade_predicts_through_the_fold_ensemble(trained, cache, 
     shutil.copytree(model / "fold_0", model / "fold_1")
     path = model / "fold_1" / "classifier" / "checkpoint_best.pt"
     state = torch.load(path, weights_only=True)
-    state["network"]["decision_threshold"] += 0.2
+    state["network"]["decision_threshold"] /= 2  # fold 1: another threshold (lower: it keeps what fold 0 keeps)
     torch.save(state, path)
     predictor = Predictor(model, PredictorSettings(device="cpu", folds=[0, 1]))
     assert get_combiner("cascade3") is None and predictor.model.method.combine == "cascade3"
-    case = "case_009"
+    case = "case_005"  # a training case of fold 0: the cascade of 100 iterations per module finds its lesion
+    assert case in json.loads((model / "fold_0" / "roi_segmenter" / "config.json").read_text())["train_cases"]
     data = np.load(cache / DATASET / "3d_fullres" / f"{case}.npy")
     props = json.loads((cache / DATASET / "3d_fullres" / f"{case}.json").read_text())
     context = RunContext(torch.device("cpu"))
@@ -383,7 +386,7 @@ def test_the_trained_cascade_predicts_through_the_fold_ensemble(trained, cache, 
     networks = [f.network for f in predictor.model.stages[0].folds]
     _, threshold = classify_slices(Ensemble(networks, [0.5, 0.5]), data[0], torch.device("cpu"))
     stored = [float(n.decision_threshold) for n in networks]
-    assert threshold == pytest.approx(sum(stored) / 2) and stored[1] == pytest.approx(stored[0] + 0.2)
+    assert threshold == pytest.approx(sum(stored) / 2) and stored[1] == pytest.approx(stored[0] / 2)
 
 
 # ----------------------------------------------------------------------------- without torchvision

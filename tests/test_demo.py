@@ -36,7 +36,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "DSC (lesion-positive cases)" in out and "synthesize" not in out.split("time per stage:")[1]
 
 
-def test_demo_starts_from_the_background_prior_except_for_l1dfl():
+def test_demo_starts_from_the_background_prior():
     assert DemoSettings().resolved_training_overrides() == {"output_prior": 0.01}
-    assert DemoSettings(trainer="l1dfl").resolved_training_overrides() == {}
+    assert DemoSettings(trainer="l1dfl").resolved_training_overrides() == {"output_prior": 0.01}
     assert DemoSettings(trainer="l1dfl", training_overrides={"epochs": 3}).resolved_training_overrides() == {"epochs": 3}

@@ -276,13 +276,3 @@ def test_trainer_learns_a_tiny_phantom_on_cpu(tmp_path, trainer, network):
     validation = json.loads((out / "validation.json").read_text())
     assert validation["mean_dsc"] > 0.5, validation
     assert (out / "checkpoint_best.pt").is_file()
-
-
-@pytest.mark.parametrize("trainer,warns", [("l1dfl", True), ("dicefocal", False)])
-def test_output_prior_with_a_squared_dice_denominator_warns(tmp_path, caplog, trainer, warns):
-    dataset_dir = write_tiny_cache(tmp_path / "pre")
-    with caplog.at_level("WARNING", logger="autopetseg.training.variants"):
-        run_training(dataset_dir, 0, trainer, preprocessed_root=tmp_path / "pre", results_root=tmp_path / "res",
-                     device="cpu", epochs=1, iterations_per_epoch=1, num_workers=0, output_prior=0.01,
-                     patch_size=[16, 16, 16])
-    assert ("predicting no lesion" in caplog.text) is warns

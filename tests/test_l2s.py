@@ -36,7 +36,7 @@ from autopetseg.models.networks import build_network, count_parameters
 from autopetseg.models.networks.l2s import InputWindows, segmenter_topology
 from autopetseg.models.sliding_window import SlidingWindowStats
 from autopetseg.models.strategies import run_strategy
-from autopetseg.planning.plans import NetworkTopology
+from autopetseg.planning.plans import ComputeBudget, NetworkTopology
 from autopetseg.preprocessing.preprocessor import map_between_caches
 from autopetseg.preprocessing.resampling import crop_geometry, resampled_geometry
 from autopetseg.training.config import TrainerConfig
@@ -381,13 +381,14 @@ def test_the_planner_plans_2d_coronal_like_2d():
     assert args.configurations == ["3d_fullres", "2d_coronal"]
 
 
-def _with_coronal(plans):
-    """The tiny plans plus the two-stage test's 2D coronal configuration, named ``2d_coronal``."""
+def _with_coronal(plans, device: str = "cuda"):
+    """The tiny plans plus the two-stage test's 2D coronal configuration, named ``2d_coronal``; sized for
+    a GPU by default (the segmenter trains on the planned patch; the CPU rule is tested on its own)."""
     from test_model_folder import _with_coronal_2d
 
     plans = _with_coronal_2d(plans)
     plans.configurations["2d_coronal"] = dataclasses.replace(plans.configurations.pop("2d"), name="2d_coronal")
-    return plans
+    return dataclasses.replace(plans, budget=ComputeBudget(device))
 
 
 @pytest.fixture(scope="module")
@@ -428,6 +429,8 @@ def test_the_trainers_follow_the_paper(tmp_path, cache):
 
     segmenter = prepare_trainer(cache / DATASET, 0, "cascade_l2s", stage="segmenter", **common)
     assert (segmenter.config.epochs, segmenter.batch_size, segmenter.config.optimizer) == (500, 2, "sgd")
+    assert localizer.config.output_prior == segmenter.config.output_prior == 0.01
+    assert segmenter.patch_size == [16, 32, 32]  # a GPU plan: the planned patch
     spec = segmenter.network_spec()
     assert spec.name == "l2s_unet3d" and spec.in_channels == 2 and spec.topology.features_per_stage == [16, 32, 64, 128]
     assert spec.options["norm"] == "layer" and [w[0] for w in spec.options["windows"]] == [0, 1]
@@ -443,6 +446,31 @@ def test_the_trainers_follow_the_paper(tmp_path, cache):
     got = segmenter.compute_loss(outputs, {"target": target, "input_localizer": cue})
     assert float(got) == pytest.approx(float(CueWeightedBCEDiceLoss()(outputs, target, cue)))
     assert float(got) != pytest.approx(float(CueWeightedBCEDiceLoss()(outputs, target)))
+
+
+def test_on_a_cpu_plan_the_segmenter_patch_costs_what_the_planned_network_costs(tmp_path, cache):
+    from autopetseg.models.folders import NetworkSpec
+    from autopetseg.training.l2s import CpuPatchRule, network_flops
+    from autopetseg.training.run import prepare_trainer
+
+    dataset = tmp_path / DATASET
+    shutil.copytree(cache / DATASET, dataset)
+    plans = json.loads((dataset / "plans.json").read_text())
+    plans["budget"]["device"] = "cpu"
+    (dataset / "plans.json").write_text(json.dumps(plans))
+    common = dict(preprocessed_root=tmp_path, results_root=tmp_path / "results", device="cpu", num_workers=0)
+    segmenter = prepare_trainer(dataset, 0, "cascade_l2s", stage="segmenter", **common)
+    conf = segmenter.configuration
+    spec = segmenter.network_spec()
+    reference = network_flops(NetworkSpec("resunet", conf.network, 2, 2), conf.patch_size)
+    patch = segmenter.patch_size
+    assert patch == CpuPatchRule().patch(conf, spec) == [8, 8, 8]
+    assert all(p % t == 0 for p, t in zip(patch, spec.topology.total_stride))
+    assert network_flops(spec, patch) <= reference < network_flops(spec, [16, 16, 16])  # the next candidate
+    assert CpuPatchRule(cost_ratio=100.0).patch(conf, spec) == conf.patch_size  # never beyond the planned patch
+    assert prepare_trainer(dataset, 0, "cascade_l2s", stage="segmenter", patch_size=[16, 16, 16],
+                           **common).patch_size == [16, 16, 16]  # a patch given is kept
+    assert prepare_trainer(dataset, 0, "cascade_l2s", stage="localizer", **common).patch_size == [32, 32]
 
 
 # ----------------------------------------------------------------------------- the trained cascade
@@ -536,6 +564,14 @@ def test_each_stage_ensemble_is_averaged_before_the_cue_and_the_threshold(traine
     np.testing.assert_array_equal(combined.threshold, AdaptiveThreshold().map(map_between_caches(mean_cue, props, props)))
 
 
+class _PetLogit(nn.Module):
+    """A "3D segmenter" whose logit rises with the PET averaged over 3×3×3: probability 0.5 at SUV 4,
+    between 0.1 and 0.5 on the rim of a lesion."""
+
+    def forward(self, x):
+        return 2.0 * (F.avg_pool3d(x[:, :1], 3, stride=1, padding=1) - 4.0)
+
+
 @pytest.mark.slow
 def test_predict_runs_the_localizer_after_the_segmenter_where_its_cue_is_read_with_the_same_masks(
         trained, tmp_path, cache, monkeypatch):
@@ -545,17 +581,18 @@ def test_predict_runs_the_localizer_after_the_segmenter_where_its_cue_is_read_wi
 
     # Raw cases from the cache (PET in SUV, CT back in HU): on the cache's 4 mm grid, and at 2 mm along z.
     data = np.load(cache / DATASET / "3d_fullres" / "case_005.npy")
-    for name, repeat in (("same", 1), ("finer", 2)):
-        spacing = (4.0 / repeat, 4.0, 4.0)
-        geometry = Geometry((32 * repeat, 32, 32), spacing, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-        pet, ct = (np.repeat(c, repeat, axis=0) for c in (data[0], data[1] * 2048.0 - 1024.0))
-        write_image(tmp_path / "raw" / f"{name}_pet.nii.gz", pet.astype(np.float32), geometry)
-        write_image(tmp_path / "raw" / f"{name}_ct.nii.gz", ct.astype(np.float32), geometry)
+    for name, repeat in (("finer", 2), ("same", 1)):
+        geometry = Geometry((32 * repeat, 32, 32), (4.0 / repeat, 4.0, 4.0), (0.0, 0.0, 0.0),
+                            (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+        for suffix, channel in (("pet", data[0]), ("ct", data[1] * 2048.0 - 1024.0)):
+            write_image(tmp_path / "raw" / f"{name}_{suffix}.nii.gz", np.repeat(channel, repeat, axis=0), geometry)
     found = discover(tmp_path / "raw")
     records = found.cases if hasattr(found, "cases") else found
     predictor = Predictor(trained.model, PredictorSettings(device="cpu", folds=[0], save_probabilities=True))
-    notes = {"adaptive_threshold": {"low": 0.02, "high": 0.5}}  # a wide band: the cue decides on many voxels
-    predictor.model = dataclasses.replace(predictor.model, method=dataclasses.replace(CASCADE, notes=notes))
+    # Networks with known outputs: the segmenter's probability crosses 0.1 and 0.5 on the lesion's rim,
+    # the cue is high on the lesion's coronal slices.
+    localizer, segmenter = predictor.model.stages
+    localizer.folds[0].network, segmenter.folds[0].network = _SliceReader(2), _PetLogit()
     rule = combine.READ_REGIONS["l2s_adaptive"]
     for record in records:
         case, prepared = predictor.load(record)
@@ -567,9 +604,8 @@ def test_predict_runs_the_localizer_after_the_segmenter_where_its_cue_is_read_wi
         part = predictor.predict_loaded(case, prepared)
         np.testing.assert_array_equal(part.mask, whole.mask)
         np.testing.assert_array_equal(part.lesion_probability, whole.lesion_probability)
-        assert part.windows.n_skipped > whole.windows.n_skipped  # coronal slices without a cue to read
+        assert part.windows.n_skipped >= whole.windows.n_skipped + 16  # most coronal slices hold no cue to read
+        # The cue decided voxels: without it (one threshold, 0.5) the mask is smaller.
         plain = dataclasses.replace(CASCADE, notes={"adaptive_threshold": {"low": 0.5, "high": 0.5}})
-        assert whole.mask.sum() > Predictor.to_original(
-            SimpleNamespace(settings=predictor.settings),
-            *(lambda c: (c.lesion_probability, c.properties, c.threshold))(
-                COMBINERS["l2s_adaptive"](plain, predictor.stage_outputs(prepared, SlidingWindowStats()))))[0].sum()
+        combined = COMBINERS["l2s_adaptive"](plain, predictor.stage_outputs(prepared, SlidingWindowStats()))
+        assert 0 < predictor.to_original(combined.lesion_probability, combined.properties, 0.5)[0].sum() < whole.mask.sum()

@@ -41,7 +41,7 @@ def simulate(budget_s: float, seconds_per_step, schedule: str = "cosine", iterat
     clock = [0.0]
     max_steps = 1000 * iterations_per_epoch
     budget = TimeBudget(budget_s, budget_s, iterations_per_epoch, max_steps, validation_interval,
-                        lambda per_step: 2.0, clock=lambda: clock[0])
+                        lambda: 2.0, clock=lambda: clock[0])
     parameter = torch.nn.Parameter(torch.zeros(()))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_schedule(schedule, max_steps))

@@ -84,7 +84,7 @@ class PredictorSettings:
     overlap: float = 0.5
     batch_size: int = 2  # windows per forward pass
     # 2D stages: slices per forward pass, as many as fit this many (padded) pixels, at least batch_size.
-    slice_batch_pixels: int = 2**18
+    slice_batch_pixels: int = 2**16
     skip_empty: bool = True  # skip windows that lie in air (outside the body)
     min_suv: float | None = None  # also skip windows whose PET max is <= this SUV
     amp: bool | None = None  # None: autocast on CUDA only
@@ -370,10 +370,12 @@ class Predictor:
                                  "replace them", file=output_dir)
             log.warning("--overwrite: removing %d prediction(s) of another model or settings (%s) from %s",
                         len(rows), differences, output_dir)
+            from autopetseg.inference.dicom_seg import dicom_seg_path
+
             for case_id in rows:
                 for path in (output_dir / f"{case_id}{MASK_SUFFIX}",
                              output_dir / PROBABILITIES_FOLDER / f"{case_id}{MASK_SUFFIX}",
-                             output_dir / PNG_FOLDER / f"{case_id}.png"):
+                             output_dir / PNG_FOLDER / f"{case_id}.png", dicom_seg_path(output_dir, case_id)):
                     path.unlink(missing_ok=True)
             csv_path.unlink(missing_ok=True)
             write_producer(output_dir, producer, self.model.model_dir)

@@ -51,6 +51,16 @@ from autopetseg.models.sliding_window import EMPTY_PET_MAX
 log = logging.getLogger(__name__)
 
 
+def settings_from(cls, raw: dict[str, Any] | None, what: str):
+    """The settings dataclass ``cls`` from a JSON dict of its fields (lists back to tuples); unknown keys are
+    a ``ValueError`` naming them (``what``: where they were read)."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what}: {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
 @dataclass(frozen=True)
 class Cascade3Settings:
     """How the folds' outputs combine at prediction time (module doc)."""
@@ -69,7 +79,7 @@ class Cascade3Settings:
 
     @classmethod
     def from_notes(cls, notes: dict[str, Any] | None) -> "Cascade3Settings":
-        return cls(**(notes or {}))
+        return settings_from(cls, notes, "cascade_3step settings in method.json notes")
 
     def to_notes(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,7 +209,7 @@ def segment_boxes(ensemble: Ensemble, pet: np.ndarray, boxes: dict[int, np.ndarr
     means, stds = slice_statistics(pet[slices], SliceFrame.of(pet.shape[1], pet.shape[2], unet.canvas, unet.roi_size))
     stats = {z: (float(m), float(s)) for z, m, s in zip(slices, means, stds)}
     for chunk in _chunks(list(range(len(rois))), batch):
-        inputs = torch.cat([crop_rois(torch.from_numpy(np.asarray(pet[rois[i][0]], dtype=np.float32)), [rois[i][1]],
+        inputs = torch.cat([crop_rois(torch.tensor(np.asarray(pet[rois[i][0]]), dtype=torch.float32), [rois[i][1]],
                                       *stats[rois[i][0]], unet.roi_size) for i in chunk]).to(device)
         total = torch.zeros((len(chunk), unet.roi_size, unet.roi_size), device=device)
         for network, weight in zip(ensemble.networks, ensemble.weights):

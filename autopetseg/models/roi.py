@@ -109,11 +109,12 @@ def axial_images(pet: np.ndarray | torch.Tensor, frame: SliceFrame) -> tuple[tor
     return _resize(square[:, None], (frame.size, frame.size)), mean, std
 
 
-def boxes_from_mask(mask: np.ndarray) -> np.ndarray:
-    """(n, 4) boxes of the connected components (8-connectivity) of a 2D mask, in slice voxels."""
+def boxes_from_mask(mask: np.ndarray, with_labels: bool = False):
+    """(n, 4) boxes of the connected components (8-connectivity) of a 2D mask, in slice voxels; with
+    ``with_labels`` also the component image (component k + 1 has box k)."""
     labels, n = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))
-    boxes = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels) if s is not None]
-    return as_boxes(boxes)
+    boxes = as_boxes([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)])
+    return (boxes, labels) if with_labels else boxes
 
 
 def roi_window(box, margin_fraction: float, min_margin: float) -> tuple[int, int, int]:

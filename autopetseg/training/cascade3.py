@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from autopetseg.errors import InputError
 from autopetseg.io_utils import read_json
 from autopetseg.models.cascade3 import (
     Cascade3Settings,
@@ -64,6 +65,7 @@ from autopetseg.models.cascade3 import (
     occupied_slices,
     run_cascade,
     segment_boxes,
+    settings_from,
     to_slice_boxes,
 )
 from autopetseg.models.folders import CHECKPOINT_BEST, VALIDATION_FILE, NetworkSpec
@@ -102,10 +104,7 @@ class Cascade3TrainingSettings:
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> "Cascade3TrainingSettings":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown stage_settings for cascade_3step: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        return settings_from(cls, raw, "stage_settings of cascade_3step")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -184,7 +183,7 @@ class ClassifierSampler(SliceSampler):
     def __init__(self, cases, plan, mirror_axes, positive_share: float):
         super().__init__(cases, plan, mirror_axes)
         if not self.lesion_slices or not self.other_slices:
-            raise ValueError("the slice classifier needs training slices with and without lesions")
+            raise InputError("the slice classifier needs training slices with and without lesions (labels of the training cases)")
         self.positive_share = float(positive_share)
 
     def batch(self, rng, size):
@@ -205,7 +204,7 @@ class DetectorSampler(SliceSampler):
     def __init__(self, cases, plan, mirror_axes):
         super().__init__(cases, plan, mirror_axes)
         if not self.lesion_slices:
-            raise ValueError("the detector needs training slices with lesions")
+            raise InputError("the detector needs training slices with lesions (labels of the training cases)")
 
     def batch(self, rng, size):
         images, boxes = [], []
@@ -228,17 +227,17 @@ class RoiSampler(SliceSampler):
         super().__init__(cases, plan, mirror_axes)
         self.rois = [(case, z, box) for case, z in self.lesion_slices for box in boxes_from_mask(self.cases[case].seg[z])]
         if not self.rois:
-            raise ValueError("the ROI segmenter needs training slices with lesions")
+            raise InputError("the ROI segmenter needs training slices with lesions (labels of the training cases)")
         self.jitter, self.margin_fraction, self.min_margin = tuple(jitter), float(margin_fraction), float(min_margin)
 
     def batch(self, rng, size):
         images, targets = [], []
         for case, z, box in _pick(rng, self.rois, size):
             window = roi_window(jitter_box(box, rng, self.jitter), self.margin_fraction, self.min_margin)
-            pet = torch.from_numpy(np.asarray(self.cases[case].image[0, z], dtype=np.float32))
+            pet = torch.tensor(np.asarray(self.cases[case].image[0, z]), dtype=torch.float32)
             mean, std = slice_statistics(pet[None], self.frame(case, self.plan.roi_size))
             image = crop_rois(pet, [window], float(mean[0]), float(std[0]), self.plan.roi_size)[0]
-            seg = torch.from_numpy(np.asarray(self.cases[case].seg[z], dtype=np.float32))
+            seg = torch.tensor(np.asarray(self.cases[case].seg[z]), dtype=torch.float32)
             target = (crop_windows(seg, [window], self.plan.roi_size)[0] > 0.5).long()
             flips = self.flips(rng)
             images.append(image.flip(flips) if flips else image)
@@ -425,10 +424,9 @@ class LesionDetectorTrainer(AxialCascadeTrainer):
         candidates = detector_candidates(self.network, pet, slices, self.device, self.amp_dtype, self.batch_size)
         lesions, _ = label_lesions(seg)
         truth = []
-        for z in slices:
-            boxes = boxes_from_mask(seg[z])
-            ids = [int(lesions[z, int(b[1]):int(b[3]), int(b[0]):int(b[2])].max()) for b in boxes]
-            truth.append((boxes, ids))
+        for z in slices:  # an 8-connected component of a slice lies in one 18-connected lesion: take its id
+            boxes, components = boxes_from_mask(seg[z], with_labels=True)
+            truth.append((boxes, [int(lesions[z][components == k + 1][0]) for k in range(len(boxes))]))
         frame = SliceFrame.of(seg.shape[1], seg.shape[2], self.axial.canvas, self.axial.slice_size)
         self._scratch[case.case_id] = (frame, candidates, truth)
         return {"n_lesion_slices": int(len(slices)), "n_boxes": int(sum(len(b) for b, _ in truth)),

@@ -18,7 +18,11 @@ Trained alone (no input stage) the weight is 1.
 
 Unspecified by the paper, our choices: SGD momentum 0.99 with Nesterov (nnU-Net, on which the
 paper builds), Dice over the whole batch with smoothing 1e-5, the rotation range and probability
-of the engine (±15°, 0.2), iterations per epoch the engine's (250).
+of the engine (±15°, 0.2), iterations per epoch the engine's (250), the output layer's bias at the
+log-odds of a 1% lesion probability (``output_prior``: with a sigmoid at 50% everywhere the BCE
+first pushes every voxel down and the paper's small SGD steps take hundreds of iterations more).
+On a CPU plan the segmenter's patch is cut to the plan network's cost per iteration
+(``CpuPatchRule``).
 """
 
 from __future__ import annotations
@@ -106,21 +110,23 @@ def network_flops(spec: NetworkSpec, patch: list[int], batch: int = 1) -> float:
 class CpuPatchRule:
     """The segmenter's patch on a CPU plan (``plans.budget.device == "cpu"``, no ``patch_size`` given).
 
-    The planner sizes a configuration's patch for its residual U-Net (``resunet``) and the CPU
-    budget; L2SNet's 3D U-Net convolves twice at full resolution with 16 filters and costs about 8
-    times its FLOPs per voxel. So its patch is the largest one of the planner's kind (equal physical
-    extent per axis, in steps of the finest spacing, capped at the planned patch, a multiple of the
-    network's stride) whose forward FLOPs are at most ``cost_ratio`` times the planned network's on
-    the planned patch: an iteration then costs what the plan's own network costs, and the cascade's
-    two stages train in the budget of one. On a GPU plan the planned patch is kept.
+    The planner sizes a configuration's patch for its own network (``network_name``, the residual
+    U-Net for ``3d_fullres``) and the CPU budget; L2SNet's 3D U-Net convolves twice at full
+    resolution with 16 filters and costs about 8 times the residual U-Net's FLOPs per voxel. So its
+    patch is the largest one of the planner's kind (equal physical extent per axis, in steps of the
+    finest spacing, capped at the planned patch, a multiple of the network's stride) whose forward
+    FLOPs are at most ``cost_ratio`` times the planned network's on the planned patch: an iteration
+    then costs what the plan's own network costs, and the cascade's two stages train in the budget
+    of one. On a GPU plan the planned patch is kept.
     """
 
     cost_ratio: float = 1.0
-    reference_network: str = "resunet"  # the network the planner's cost model describes
+    default_reference: str = "resunet"  # plans from before configurations named their network
 
     def patch(self, configuration: ConfigurationPlan, spec: NetworkSpec) -> list[int]:
         planned = [int(p) for p in configuration.patch_size]
-        reference = NetworkSpec(self.reference_network, configuration.network, spec.in_channels, 2)
+        reference = NetworkSpec(configuration.network_name or self.default_reference, configuration.network,
+                                spec.in_channels, 2)
         stride = [int(t) for t in spec.topology.total_stride]
         # FLOPs are proportional to the voxels for patches that are multiples of the stride.
         per_voxel = network_flops(spec, stride) / math.prod(stride)
@@ -146,6 +152,9 @@ class L2STrainer(Trainer):
         "weight_decay": 1e-4,
         "schedule": "poly",
         "schedule_per_epoch": True,
+        # The paper does not say how the output starts; at PyTorch's 50% lesion probability its SGD at
+        # 1e-3 did not move off "no lesion" in 300 CPU iterations, from 1% it did (README, deviations).
+        "output_prior": 0.01,
         "loss": {"lambda_dice": 1.0, "smooth": 1e-5, "batch_dice": True, "cue_weight": True},
     }
 

@@ -12,15 +12,19 @@ keeps the learning-rate decay spanning exactly those steps:
    final checkpoint, end ``margin`` before the deadline. Epochs keep their configured length;
    only the last one may be shorter.
 3. The plan is made again about every ``check_seconds`` of training, from a running mean of the
-   recent throughput and the measured time of each validation and each epoch's bookkeeping, so a
-   machine that slows down or speeds up moves the end of training, not past the deadline.
+   recent throughput and the measured time of each validation (the slower of its running mean and
+   the last one) and each epoch's bookkeeping, so a machine that slows down or speeds up moves the
+   end of training, not past the deadline.
 4. The configured schedule (cosine, poly, per-epoch poly, constant) is a function of the
    progress p = step / configured length. With a budget, p runs piecewise linearly from its
    value now to 1 at the planned last step: when the plan changes the learning rate stays
    continuous, and it reaches the schedule's end (0 for the cosine) at the last step.
 
-Until the first validation has been timed, its time is estimated from the number of windows over
-the validation volumes (``Trainer.estimate_validation_seconds``). Under DDP rank 0 plans (it
+Until the first validation has been timed, its time is estimated once, at the first plan, by
+validating one case (the median-sized) and scaling by the voxels of all of them
+(``Trainer.estimate_validation_seconds``): when the budget is shorter than an epoch the only
+validation comes after the decision to stop, and a guess would waste or overrun the end. Under
+DDP rank 0 plans (it
 validates and holds the times) and broadcasts the plan and the step of the next check, so every
 rank takes the same number of steps. The state (plan, progress anchor, measured times) is part of
 the checkpoint: ``--continue`` carries on the same decay, re-planned for a new budget if one is
@@ -51,10 +55,9 @@ class BudgetSettings:
     first_measure_iterations: int = 5  # timed before the first plan
     check_seconds: float = 5.0  # plan again after about this much training
     smoothing: float = 0.5  # weight of the newest measurement in each running mean
-    margin_share: float = 0.02  # end this share of the budget early (process exit, timing noise)
+    margin_share: float = 0.03  # end this share of the budget early (process exit, timing noise)
     margin_min_s: float = 2.0
     default_overhead_s: float = 1.0  # bookkeeping per epoch until it is measured (checkpoint, log, plot)
-    forward_share: float = 0.5  # a validation window costs about this share of a training step per patch
 
 
 class TimeBudget:
@@ -62,7 +65,7 @@ class TimeBudget:
     plan restored from a checkpoint (a budget run continued without a budget)."""
 
     def __init__(self, deadline: float | None, budget_s: float | None, iterations_per_epoch: int, max_steps: int,
-                 validation_interval: int, validation_estimate: Callable[[float], float],
+                 validation_interval: int, validation_estimate: Callable[[], float],
                  settings: BudgetSettings = BudgetSettings(), clock: Callable[[], float] = time.time):
         self.deadline = deadline
         self.budget_s = budget_s
@@ -78,6 +81,7 @@ class TimeBudget:
         self.epoch = 0
         self.seconds_per_step: float | None = None
         self.validation_s: float | None = None
+        self.validation_guess_s: float | None = None  # ``validation_estimate()`` until one is measured
         self.overhead_s: float | None = None
         self.replans = 0
         self.next_check: int | None = None
@@ -138,7 +142,7 @@ class TimeBudget:
         epochs_left = last_epoch - self.epoch + 1
         k = self.validation_interval
         validations = (last_epoch + 1) // k - self.epoch // k + (1 if (last_epoch + 1) % k else 0)
-        validation = self.validation_s if self.validation_s is not None else self.validation_estimate(per_step)
+        validation = self.validation_s if self.validation_s is not None else (self.validation_guess_s or 0.0)
         overhead = self.overhead_s if self.overhead_s is not None else self.settings.default_overhead_s
         return (steps - self.step) * per_step + validations * validation + (epochs_left + 1) * overhead
 
@@ -164,7 +168,7 @@ class TimeBudget:
             (logger.info if first else logger.debug)(
                 "time budget: %.3f s per iteration, validation %.1f s: %d iterations in all (%d epochs), %s",
                 self.seconds_per_step or 0.0, self.validation_s if self.validation_s is not None
-                else self.validation_estimate(self.seconds_per_step or 0.0), steps, self.planned_epochs,
+                else (self.validation_guess_s or 0.0), steps, self.planned_epochs,
                 f"to end by {datetime.fromtimestamp(self.deadline).strftime('%H:%M:%S')}" if self.deadline else "fixed")
 
     # ------------------------------------------------------------------ the run
@@ -205,6 +209,9 @@ class TimeBudget:
             seconds, timed = self._carried[0] + now - window[0], self._carried[1] + self.step - window[1]
             if not first or timed >= self.settings.first_measure_iterations or seconds >= self.settings.check_seconds:
                 self.seconds_per_step = self._mean(self.seconds_per_step, seconds / timed)
+                if self.validation_s is None and self.validation_guess_s is None:
+                    self.validation_guess_s = float(self.validation_estimate())  # takes time: not training
+                    now = self.clock()
                 self._window, self._carried = (now, self.step), (0.0, 0)
                 planned = self.plan(now)
                 next_check = self.step + max(1, int(self.settings.check_seconds / max(self.seconds_per_step, 1e-6)))
@@ -214,7 +221,9 @@ class TimeBudget:
         self.next_check = next_check
 
     def record_validation(self, seconds: float) -> None:
-        self.validation_s = self._mean(self.validation_s, seconds)
+        # The slower of the running mean and the last one: the last validation is one block of time
+        # at the very end, where a misjudged one cannot be made up for.
+        self.validation_s = max(self._mean(self.validation_s, seconds), float(seconds))
 
     def record_overhead(self, seconds: float) -> None:
         self.overhead_s = self._mean(self.overhead_s, seconds)

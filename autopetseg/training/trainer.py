@@ -136,11 +136,6 @@ class Trainer:
         """Raise an ``InputError`` naming the install line when an optional package the variant needs is
         missing (checked before anything is written)."""
 
-    @classmethod
-    def output_prior_is_safe(cls, loss_settings: dict[str, Any] | None = None) -> bool:
-        """Whether starting from ``output_prior`` can train with this variant's loss (see L1DFLTrainer)."""
-        return True
-
     def __init__(
         self,
         plans: Plans,
@@ -519,24 +514,20 @@ class Trainer:
             self.time_budget.restore(state)
         self.time_budget.warp(self.scheduler)
 
-    def estimate_validation_seconds(self, seconds_per_step: float) -> float:
-        """A validation's time until one is measured: windows over the validation volumes, each about
-        ``forward_share`` of a training step per patch."""
-        if not getattr(self, "val_cases", None):
+    def estimate_validation_seconds(self) -> float:
+        """A validation's time before one is measured: the median-sized validation case validated
+        once, scaled by the voxels of all of them (0 without validation cases)."""
+        cases = getattr(self, "val_cases", None)
+        if not cases:
             return 0.0
-        step = 1.0 - self.config.validation_overlap
-
-        def per_axis(size: int, patch: int) -> int:
-            return 1 if size <= patch else math.ceil((size - patch) / (patch * step)) + 1
-
-        windows = 0
-        for case in self.val_cases:
-            shape = list(case.seg.shape)
-            if len(self.patch_size) == 2:  # slices across the slice axis, windows in their plane
-                windows += shape.pop(self.configuration.slice_axis or 0) * math.prod(map(per_axis, shape, self.patch_size))
-            else:
-                windows += math.prod(map(per_axis, shape, self.patch_size))
-        return windows * self.time_budget.settings.forward_share * seconds_per_step / self.batch_size
+        voxels = [math.prod(case.seg.shape) for case in cases]
+        probe = cases[sorted(range(len(cases)), key=voxels.__getitem__)[len(cases) // 2]]
+        started = time.perf_counter()
+        self.network.eval()
+        with torch.inference_mode():
+            self.validate_case(probe)
+        self.network.train()
+        return (time.perf_counter() - started) * sum(voxels) / math.prod(probe.seg.shape)
 
     def _record_epoch_times(self, validated: bool, until_bookkeeping: float, bookkeeping: float) -> None:
         """Give the budget this epoch's validation and bookkeeping times; record the plan in config.json."""
