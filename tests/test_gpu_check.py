@@ -38,7 +38,7 @@ def test_dry_run_fills_every_section_with_numbers_or_an_explained_skip(tmp_path)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--dry-run", "--work", str(tmp_path / "work")],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1500)
     log = done.stdout[-6000:] + done.stderr[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert done.returncode == report["exit_code"], log
