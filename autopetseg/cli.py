@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="Dataset###_Name, id, or path of the preprocessed dataset folder")
     p.add_argument("fold", help="0-4 or 'all'")
     p.add_argument("-tr", "--trainer", "--method", dest="trainer", default="gdfl",
-                   help="method (one or several stages): gdfl, l1dfl, dice, dicefocal, multitask")
+                   help="method (one or several stages): gdfl, l1dfl, dice, dicefocal, cascade_l2s, cascade_3step, multitask")
     p.add_argument("-c", "--configuration", help="configuration of a one-stage method (default: the method's, 3d_fullres)")
     p.add_argument("--stage", default="all", help="train only this stage of the method (default: all, in order)")
     p.add_argument("--stage-inputs", choices=("in_fold", "out_of_fold"), default="in_fold",

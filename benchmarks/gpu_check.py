@@ -145,7 +145,7 @@ GPU = Profile(name="gpu", budget_s=450.0, preset="wholebody", n_cases=4, pet_spa
               compile_all=True, compile_backend=None, nnunet_pipeline=True, nnunet_pipeline_s=300.0,
               nnunet_iterations=20, s_per_iteration_guess=0.5, setup_s_guess=10.0, max_processes=16)
 QUICK = replace(GPU, name="quick", budget_s=300.0, compile_all=False, nnunet_pipeline=False)
-DRY_RUN = replace(GPU, name="dry-run", budget_s=900.0, preset="tiny", n_cases=3, pet_spacing_zyx=None, case_slices=20,
+DRY_RUN = replace(GPU, name="dry-run", budget_s=900.0, preset="tiny", n_cases=3, pet_spacing_zyx=None, case_slices=None,
                   warmup=1, iterations=3, model_iterations=2, folds=2, compile_estimate_s=20.0, compile_all=False,
                   compile_backend="eager", nnunet_pipeline=False, s_per_iteration_guess=0.2, setup_s_guess=2.0,
                   max_processes=1,  # a process pool costs more than it saves on tiny phantoms
