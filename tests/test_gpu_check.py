@@ -65,7 +65,11 @@ def test_dry_run_fills_every_section_with_numbers_or_an_explained_skip(tmp_path)
         assert rows, method
         for row in rows:
             if row["status"] == "ok":
-                assert row["iterations_per_s"] > 0 and row["peak_gb"] > 0 and row["planned_gb"] > 0
+                assert row["iterations_per_s"] > 0 and row["peak_gb"] > 0
+                # The planner's own networks have a planned memory; the cascades' and the multitask
+                # model's configurations are sized by their own planners, which may not write one.
+                sized = method in ("gdfl", "l1dfl", "dice", "dicefocal")
+                assert (row["planned_gb"] or 0) > 0 if sized else row["planned_gb"] is None or row["planned_gb"] > 0
                 assert row["timed_iterations"] == 3
     assert _ok(training, "gdfl (resunet), eager") and _ok(training, "gdfl (resunet), compiled")
     assert _ok(training, "l1dfl (segresnet), eager")
