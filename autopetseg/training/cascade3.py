@@ -170,7 +170,8 @@ class SliceSampler:
         return [d for d in self.flip_dims if rng.random() < 0.5]
 
     def batch(self, rng: np.random.Generator, size: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """One batch of this module's samples; each module's sampler defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define batch()")
 
 
 def _pick(rng: np.random.Generator, items: Sequence, n: int) -> list:
@@ -306,7 +307,8 @@ class AxialCascadeTrainer(Trainer):
         return tuple(aug.mirror_axes) if aug.enabled else ()
 
     def make_sampler(self, cases: list[CachedCase]) -> SliceSampler:
-        raise NotImplementedError
+        """The module's sampler over the fold's cached cases; each module's trainer defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_sampler()")
 
     def make_train_loader(self, cases: list[CachedCase], seed: int):
         stream = BatchStream(self.make_sampler(cases), self.batch_size, seed, self.dist.rank,
