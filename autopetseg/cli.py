@@ -79,7 +79,8 @@ def cmd_plan_and_preprocess(args) -> int:
     from autopetseg.pipeline import plan_and_preprocess
     from autopetseg.planning.plans import ComputeBudget
 
-    budget = ComputeBudget(device="cpu") if args.device == "cpu" else ComputeBudget(device="cuda", gpu_memory_gb=args.gpu_memory)
+    budget = (ComputeBudget(device="cpu", time_budget_s=args.time_budget) if args.device == "cpu"
+              else ComputeBudget(device="cuda", gpu_memory_gb=args.gpu_memory, time_budget_s=args.time_budget))
     with suv_check_mode(args.suv_check):  # the workers inherit it through the environment
         result = plan_and_preprocess(
             args.dataset,
@@ -94,6 +95,9 @@ def cmd_plan_and_preprocess(args) -> int:
     for name, conf in result.plans.configurations.items():
         print(f"{name}: {conf.network_name or 'network'}, spacing {conf.spacing_zyx} mm, patch {conf.patch_size}, "
               f"batch {conf.batch_size}, features {conf.network.features_per_stage}")
+    if result.plans.budget.time_budget_s is not None:
+        print(f"planned for training {result.plans.budget.time_budget_s:g} s per fold: `train` without --epochs "
+              f"or --time-budget trains for that long")
     print(f"preprocessed data in {result.output_dir}")
     return _report_failures(result.failures, "plan_and_preprocess")
 
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--gpu-memory", type=float, default=8.0, help="GPU memory to plan for, GB (default 8)")
     budget.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: plan a network and patch that train in minutes on a CPU")
+    p.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="with --device cpu: the time one fold will train (e.g. 20m); the patch is the one that "
+                        "reached the best accuracy in such a time, and `train` without --epochs trains for it")
     p.add_argument("-np", "--num-processes", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="redo the fingerprint, plans and every case")
     p.add_argument("--plans", default="auto", choices=("auto", "gdfl_paper", "l1dfl_paper"),

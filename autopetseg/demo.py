@@ -31,7 +31,7 @@ class DemoSettings:
     n_train: int = 100
     n_test: int = 8
     folds: tuple[int, ...] = (0, 1)
-    epochs: int = 40
+    epochs: int = 100  # at most 10,000 iterations per fold: with a time budget the time decides
     iterations_per_epoch: int = 100
     trainer: str = "gdfl"
     ensemble: str = "dice_weighted"
@@ -44,10 +44,20 @@ class DemoSettings:
     # to that (``epochs`` x ``iterations_per_epoch`` stays the most a fold trains).
     time_budget_s: float | None = 12 * 60
     after_training_s: float = 60.0
+    # The CPU plan is sized for each fold's share of the budget (``plan_and_preprocess --time-budget``):
+    # the budget less ``setup_s`` (synthesis and preprocessing) and ``after_training_s``.
+    setup_s: float = 30.0  # measured: 7 s for synthesis and preprocessing on 2 cores
     # TrainerConfig fields. None: start from "all background" (focal-loss prior, output_prior 0.01)
     # because the short CPU schedule otherwise spends its first ~60 iterations unlearning the initial
     # 50% lesion output (measured on tiny phantoms).
     training_overrides: dict | None = None
+
+    def planning_budget(self) -> ComputeBudget:
+        """A fixed function of the settings, so that a resumed demo keeps its plans."""
+        if self.time_budget_s is None:
+            return ComputeBudget(device="cpu")
+        per_fold = (self.time_budget_s - self.setup_s - self.after_training_s) / len(self.folds)
+        return ComputeBudget(device="cpu", time_budget_s=max(per_fold, 1.0))
 
     def resolved_training_overrides(self) -> dict:
         if self.training_overrides is not None:
@@ -97,7 +107,7 @@ def run_demo(work_dir: str | Path = "autopetseg_demo", settings: DemoSettings | 
         stage("synthesize held-out", lambda: synthesize_dataset(test_dir, s.n_test, "flat", s.seed + 10_000,
                                                                  num_processes=s.num_processes))
     stage("plan_and_preprocess", lambda: plan_and_preprocess(
-        raw, budget=ComputeBudget(device="cpu"), num_processes=s.num_processes, preprocessed_root=prep))
+        raw, budget=s.planning_budget(), num_processes=s.num_processes, preprocessed_root=prep))
     for index, fold in enumerate(s.folds):
         budget = None
         if s.time_budget_s is not None:  # what is left for training, shared by the folds still to train

@@ -2,19 +2,23 @@
 """Benchmark: ``cascade_3step`` beside ``gdfl`` on the same phantoms, and what its slice classifier buys (issue #13).
 
 The same data as ``time_to_accuracy.py`` (``--n-train`` tiny training phantoms, ``--n-test`` held-out
-ones from another seed, CPU plan; made once in ``WORK/data``), fold ``--fold``, fixed iteration counts:
+ones from another seed, CPU plan with ``3d_fullres`` and ``2d_axial`` on one cache; made once in
+``WORK/data``), fold ``--fold``:
 
-1. ``gdfl``: the demo pipeline with one fold (``autopetseg.demo.run_demo``, no time budget),
-   ``--gdfl-epochs`` x ``--gdfl-iterations``, the demo's ``output_prior`` 0.01;
-2. ``cascade_3step``: the ``2d_axial`` configuration added to the plans (same cache), then the
-   classifier, the detector and the ROI segmenter, each ``--<stage>-epochs`` x
+1. ``cascade_3step``: the classifier, the detector and the ROI segmenter, each ``--<stage>-epochs`` x
    ``--<stage>-iterations`` with the paper's settings plus ``--set key=value`` (every stage) and
    ``--<stage>-set key=value`` (JSON values);
-3. the held-out phantoms predicted (``predict_folder``, best of ``--repeats`` for the timing) and
+2. a second ROI segmenter with negative ROIs (``stage_settings`` ``negative_roi_share``
+   ``--negative-roi-share``, default 0.25: that share of each batch boxes hot spots without lesion)
+   trained the same way on a copy of the same classifier and detector (``--negative-roi-share 0``
+   skips it);
+3. ``gdfl`` (the demo's ``output_prior`` 0.01) for the cascade's training seconds (``train
+   --time-budget``), or for ``--gdfl-epochs`` x ``--gdfl-iterations``;
+4. the held-out phantoms predicted (``predict_folder``, best of ``--repeats`` for the timing) and
    scored (DSC, FPV, FNV, detection TP/FP/FN and F1) for: gdfl; the cascade (default); the cascade
    with the classifier bypassed (every slice with uptake goes to the detector: the same folds,
-   ``bypass_classifier`` in the method's notes);
-4. the per-module figures of each stage's ``validation.json`` (the fold's validation cases):
+   ``bypass_classifier`` in the method's notes); the cascade with the negative-ROI segmenter;
+5. the per-module figures of each stage's ``validation.json`` (the fold's validation cases):
    classifier AUC, threshold, sensitivity and specificity; detector mAP@0.5, box F1, lesion recall,
    thresholds; ROI 2D Dice; the whole cascade's 3D DSC, FPV, FNV and detection F1.
 
@@ -23,8 +27,10 @@ is not controlled (say so with the figures). Results also go to ``WORK/results.j
 
 Example (the README's run)::
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/cascade3_ablation.py --work /tmp/c3_bench --n-train 100 \\
-        --n-test 8 --set learning_rate=0.001
+    python benchmarks/cascade3_ablation.py --work /tmp/c3_100 --n-train 100 --n-test 8 \\
+        --classifier-epochs 2 --classifier-iterations 30 --classifier-set learning_rate=0.001 \\
+        --classifier-set batch_size=16 --detector-epochs 6 --detector-iterations 50 \\
+        --roi-segmenter-epochs 3 --roi-segmenter-iterations 40
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from l2s_ablation import predictor_variant, score, train_seconds  # noqa: E402  (scripts beside this one)
-from time_to_accuracy import link_shared_data, parse_overrides  # noqa: E402
+from time_to_accuracy import parse_overrides  # noqa: E402
 
 STAGES = ("classifier", "detector", "roi_segmenter")
 
@@ -73,7 +80,8 @@ def mean_column(pred_dir: Path, column: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from autopetseg.demo import DATASET, DemoSettings, run_demo
+    from autopetseg.data.synthetic import synthesize_dataset
+    from autopetseg.demo import DATASET, DemoSettings
     from autopetseg.models.methods import METHODS
     from autopetseg.pipeline import plan_and_preprocess
     from autopetseg.planning.plans import ComputeBudget
@@ -85,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=DemoSettings.n_train)
     p.add_argument("--n-test", type=int, default=DemoSettings.n_test)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gdfl-epochs", type=int, default=10)
+    p.add_argument("--gdfl-epochs", type=int, help="default: train gdfl for the cascade's training seconds")
     p.add_argument("--gdfl-iterations", type=int, default=100)
+    p.add_argument("--negative-roi-share", type=float, default=0.25,
+                   help="also train an ROI segmenter with this share of negative ROIs (0: skip it)")
     for stage, epochs, iterations in (("classifier", 3, 40), ("detector", 3, 60), ("roi-segmenter", 3, 60)):
         p.add_argument(f"--{stage}-epochs", type=int, default=epochs)
         p.add_argument(f"--{stage}-iterations", type=int, default=iterations)
@@ -101,34 +111,55 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
-    # 1. gdfl, and the shared data (synthesised and cached by the demo pipeline). A second run in the same
-    # WORK (more cascade iterations: its stages resume) keeps the trained gdfl: the demo would refuse its
-    # predictions folder once the cascade has added 2d_axial to the shared plans.
-    gdfl_dir = work / "gdfl"
-    link_shared_data(work / "data", gdfl_dir)
-    gdfl_model = model_dir(gdfl_dir / "results", DATASET, METHODS["gdfl"])
-    start = time.perf_counter()
-    if not (gdfl_model / f"fold_{fold}" / "checkpoint_final.pt").is_file():
-        run_demo(gdfl_dir, DemoSettings(n_train=args.n_train, n_test=args.n_test, folds=(fold,), seed=args.seed,
-                                        epochs=args.gdfl_epochs, iterations_per_epoch=args.gdfl_iterations,
-                                        time_budget_s=None))
-    seconds["gdfl_total"] = time.perf_counter() - start
-    seconds["gdfl_train"] = train_seconds(gdfl_model / f"fold_{fold}")
+    # 1. the shared data, as the demo makes it (a different seed for the held-out phantoms)
     raw, test_dir, prep = work / "data" / "raw" / DATASET, work / "data" / "held_out", work / "data" / "preprocessed"
-    results = work / "results"
-
-    # 2. the cascade, stage by stage
+    if not (raw / "synthetic_truth.json").is_file():
+        synthesize_dataset(raw, args.n_train, "nnunet", args.seed, num_processes=2)
+    if not (test_dir / "synthetic_truth.json").is_file():
+        synthesize_dataset(test_dir, args.n_test, "flat", args.seed + 10_000, num_processes=2)
     plan_and_preprocess(raw, configurations=("3d_fullres", "2d_axial"), budget=ComputeBudget(device="cpu"),
                         num_processes=2, preprocessed_root=prep)
+
+    # 2. the cascade, stage by stage (a second run in the same WORK resumes each stage for more epochs)
+    results = work / "results"
     cascade = METHODS["cascade_3step"]
     cascade_dir = model_dir(results, DATASET, cascade)
-    common = dict(preprocessed_root=prep, results_root=results, device="cpu", seed=args.seed, continue_training=True)
+    common = dict(preprocessed_root=prep, device="cpu", seed=args.seed)
+    stage_settings = {}
     for stage in STAGES:
         epochs, iterations = getattr(args, f"{stage}_epochs"), getattr(args, f"{stage}_iterations")
-        settings = {**parse_overrides(args.overrides), **parse_overrides(getattr(args, f"{stage}_overrides"))}
-        run_training(DATASET, fold, cascade, stage=stage, epochs=epochs, iterations_per_epoch=iterations, **common,
-                     **settings)
+        settings = stage_settings[stage] = {**parse_overrides(args.overrides),
+                                            **parse_overrides(getattr(args, f"{stage}_overrides"))}
+        run_training(DATASET, fold, cascade, stage=stage, epochs=epochs, iterations_per_epoch=iterations,
+                     results_root=results, continue_training=True, **common, **settings)
         seconds[f"{stage}_train"] = train_seconds(cascade_dir / f"fold_{fold}" / stage)
+    cascade_train_s = sum(seconds[f"{s}_train"] for s in STAGES)
+
+    # 3. an ROI segmenter with negative ROIs on the same classifier and detector
+    negative_rois = work / f"results_negative_rois_{args.negative_roi_share:g}"
+    negative_dir = model_dir(negative_rois, DATASET, cascade)
+    negatives = args.negative_roi_share > 0
+    if negatives and not (negative_dir / f"fold_{fold}" / "roi_segmenter" / "checkpoint_final.pt").is_file():
+        for stage in STAGES[:2]:
+            shutil.copytree(cascade_dir / f"fold_{fold}" / stage, negative_dir / f"fold_{fold}" / stage, dirs_exist_ok=True)
+        for name in ("plans.json", "dataset.json", "method.json"):
+            if (cascade_dir / name).is_file():
+                shutil.copy2(cascade_dir / name, negative_dir / name)
+        settings = dict(stage_settings["roi_segmenter"])
+        settings["stage_settings"] = {**settings.get("stage_settings", {}),
+                                      "negative_roi_share": args.negative_roi_share}
+        run_training(DATASET, fold, cascade, stage="roi_segmenter", epochs=args.roi_segmenter_epochs,
+                     iterations_per_epoch=args.roi_segmenter_iterations, results_root=negative_rois, overwrite=True,
+                     **common, **settings)
+
+    # 4. gdfl for the cascade's training time (validation included), or for --gdfl-epochs
+    gdfl_results = work / "gdfl" / "results"
+    gdfl_model = model_dir(gdfl_results, DATASET, METHODS["gdfl"])
+    if not (gdfl_model / f"fold_{fold}" / "checkpoint_final.pt").is_file():
+        budget = cascade_train_s if args.gdfl_epochs is None else None
+        run_training(DATASET, fold, "gdfl", epochs=args.gdfl_epochs or 1000, iterations_per_epoch=args.gdfl_iterations,
+                     results_root=gdfl_results, time_budget_s=budget, output_prior=0.01, **common)
+    seconds["gdfl_train"] = train_seconds(gdfl_model / f"fold_{fold}")
 
     # 3. predict and score the held-out phantoms
     out = work / "scores"
@@ -138,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         ("cascade_3step, classifier bypassed", predictor_variant(cascade_dir, fold, {"bypass_classifier": True}),
          args.repeats),
     ]
+    if negatives:
+        rows.append((f"cascade_3step, ROI segmenter with negative ROIs ({args.negative_roi_share:g})",
+                     predictor_variant(negative_dir, fold), args.repeats))
     table = []
     for i, (name, predictor, repeats) in enumerate(rows):
         row = {"row": name, **score(predictor, test_dir, out / f"row_{i}", repeats)}
@@ -151,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "seconds": seconds, "rows": table, "modules": figures}, indent=1))
 
     print(f"\n{args.n_train} training / {args.n_test} held-out tiny phantoms, fold {fold}, CPU, {os.cpu_count()} cores "
-          f"(shared with other jobs: seconds are not clean); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
-    print(f"training: gdfl {args.gdfl_epochs} x {args.gdfl_iterations} it {seconds['gdfl_train']:.0f} s; "
+          f"(load average at the end {os.getloadavg()}); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    gdfl_its = json.loads((gdfl_model / f"fold_{fold}" / "config.json").read_text()).get("time_budget", {}).get(
+        "achieved_iterations", (args.gdfl_epochs or 0) * args.gdfl_iterations)
+    print(f"training: gdfl {gdfl_its} it {seconds['gdfl_train']:.0f} s; "
           + "; ".join(f"{s} {getattr(args, f'{s}_epochs')} x {getattr(args, f'{s}_iterations')} it "
                       f"{seconds[f'{s}_train']:.0f} s" for s in STAGES)
           + f"; whole run {seconds['total']:.0f} s")

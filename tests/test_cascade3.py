@@ -289,6 +289,7 @@ def test_the_trainers_follow_the_paper_and_their_batches_hold_what_they_should(t
     assert float(detector.compute_loss(losses, {})) == pytest.approx(0.5 + 10 * 0.1 + 0.2 + 0.3)  # λ = 10
     assert (segmenter.config.epochs, segmenter.batch_size, segmenter.patch_size) == (40, 8, [32, 32])
     assert segmenter.config.loss == {"focal_weight": 10.0, "alpha": 0.25, "gamma": 2.0}
+    assert (segmenter.settings.negative_roi_share, segmenter.settings.negative_roi_suv) == (0.0, 2.5)  # paper: off
     spec = detector.network_spec()
     assert (spec.name, spec.in_channels, spec.out_channels) == ("cascade3_detector", 1, 2)
     assert spec.options["anchor_sizes"] == [4.0, 8.0, 16.0, 32.0, 64.0] and spec.options["canvas"] == 32
@@ -308,6 +309,26 @@ def test_the_trainers_follow_the_paper_and_their_batches_hold_what_they_should(t
     assert batch["data"].shape == batch["target"].shape == (8, 1, 32, 32)
     lesion = batch["target"].bool()
     assert lesion.any(dim=(1, 2, 3)).all() and (batch["data"][lesion].mean() > batch["data"][~lesion].mean() + 1)
+
+
+def test_negative_rois_box_hot_spots_that_are_not_lesion():
+    """A share of the ROI segmenter's batches boxes normal uptake (the detector's false boxes land on
+    it) with an empty target; the lesion itself is never a negative."""
+    from autopetseg.training.cascade3 import RoiSampler, hot_spot_boxes
+
+    pet = np.ones((6, 32, 32), np.float32)
+    seg = np.zeros((6, 32, 32), np.uint8)
+    pet[2, 4:8, 4:10] = 5.0  # a hot organ, not lesion
+    pet[2:4, 20:24, 20:24] = 8.0  # the lesion, on two slices
+    seg[2:4, 20:24, 20:24] = 1
+    case = SimpleNamespace(image=np.stack([pet, np.zeros_like(pet)]), seg=seg)
+    found = hot_spot_boxes(case, 2.5)
+    assert len(found) == 1 and found[0][0] == 2 and found[0][1].tolist() == [4, 4, 10, 8]  # x1, y1, x2, y2
+    sampler = RoiSampler([case], AXIAL, (), (0.0,) * 4, 0.25, 2.0, negative_share=1.0, hot_suv=2.5)
+    batch = sampler.batch(np.random.default_rng(0), 4)
+    assert batch["target"].sum() == 0 and (batch["data"].amax(dim=(1, 2, 3)) > 1).all()  # hot, empty target
+    paper = RoiSampler([case], AXIAL, (), (0.0,) * 4, 0.25, 2.0, negative_share=0.0)
+    assert not paper.negatives and paper.batch(np.random.default_rng(0), 4)["target"].any(dim=(1, 2, 3)).all()
 
 
 # Short CPU runs: a larger learning rate for the classifier (the paper's 1e-5 is for an ImageNet-initialised

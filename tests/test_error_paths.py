@@ -138,6 +138,17 @@ def test_train_checks_its_arguments_before_writing_anything(tmp_path, capsys, ar
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no splits.json, no results
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--time-budget", "10m"], r"a time budget sizes a CPU plan \(--device cpu\)"),
+    (["--gpu-memory", "8", "--time-budget", "10m"], "a time budget sizes a CPU plan"),
+])
+def test_plan_and_preprocess_time_budget_is_for_a_cpu(tmp_path, capsys, args, message):
+    code = main(["plan_and_preprocess", "-d", str(tmp_path), *args, "--preprocessed", str(tmp_path / "pp")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("autopetseg plan_and_preprocess: error:") and "\n" not in err
+    assert re.search(message, err) and not (tmp_path / "pp").exists()
+
+
 # --------------------------------------------------------------------------- item 7: smaller faults
 def test_duplicate_file_of_one_case_fails_that_case_only(tmp_path):
     from autopetseg.pipeline import plan_and_preprocess

@@ -133,6 +133,33 @@ def test_cpu_budget_sets_a_small_network_and_a_time_estimate():
     assert np.prod(small.patch_size) < np.prod(large.patch_size)
 
 
+def test_a_time_budget_sizes_the_cpu_plan_for_its_iterations(tmp_path):
+    """``plan_and_preprocess --device cpu --time-budget``: the plan is sized for budget / N estimated
+    seconds per iteration (N measured by benchmarks/patch_for_time.py), the budget is kept as given
+    (so the plans are reused), and a longer budget never gives a smaller patch."""
+    fp = whole_body()
+    n = PlannerSettings().cpu.iterations_for_time_budget
+    plans = {t: plan_experiment(fp, ComputeBudget(device="cpu", time_budget_s=t), ("3d_fullres", "2d")) for t in (
+        60.0, 10 * 60.0, 60 * 60.0)}
+    sizes = [np.prod(p.configuration("3d_fullres").patch_size) for p in plans.values()]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    for t, p in plans.items():
+        assert p.budget == ComputeBudget(device="cpu", time_budget_s=t)  # as given: reused next time
+        for conf in p.configurations.values():
+            target = max(t / n, PlannerSettings().cpu.min_seconds_per_iteration)
+            assert conf.notes["budget"]["cpu_seconds_per_iteration"] == pytest.approx(target)
+            assert conf.notes["estimated_seconds_per_iteration"] <= target or not conf.notes["fits_budget"]
+    # the same plan as the equivalent seconds per iteration
+    assert (plan_experiment(fp, cpu(600.0 / n)).configuration("3d_fullres").patch_size
+            == plans[600.0].configuration("3d_fullres").patch_size)
+    plans[600.0].save(tmp_path / "plans.json")
+    assert Plans.load(tmp_path / "plans.json").budget.time_budget_s == 600.0
+    with pytest.raises(ValueError, match="CPU plan"):
+        plan_experiment(fp, ComputeBudget(device="cuda", time_budget_s=600.0))
+    with pytest.raises(ValueError, match="positive"):
+        plan_experiment(fp, ComputeBudget(device="cpu", time_budget_s=0.0))
+
+
 def test_plans_are_deterministic():
     fp = make_fingerprint([(3.0, 4.0, 4.0), (5.0, 2.0, 2.0), (4.0, 3.0, 3.0)] * 3, [(200, 120, 140)] * 9)
     a = plan_experiment(fp, gpu(8), ("3d_fullres", "2d"), dataset_name="D")

@@ -122,3 +122,23 @@ def test_a_two_stage_method_shares_the_budget_and_records_what_it_did(tmp_path, 
     stamps = {p: p.stat().st_mtime_ns for p in model.rglob("checkpoint_*.pt")}
     run_training(cache / DATASET, 0, TOY.name, continue_training=True, **common)  # to the planned end: done
     assert {p: p.stat().st_mtime_ns for p in model.rglob("checkpoint_*.pt")} == stamps
+
+
+def test_train_without_epochs_trains_for_the_time_the_plans_were_made_for(tmp_path):
+    """``plan_and_preprocess --device cpu --time-budget T`` then ``train`` (no --epochs, no
+    --time-budget): the fold trains for T; --epochs or an explicit budget wins."""
+    from dataclasses import replace
+
+    from autopetseg.planning.plans import ComputeBudget
+    from autopetseg.training.run import run_training
+
+    cache = tmp_path / "pre"
+    plans = replace(tiny_plans(patch=(16, 16, 16), features=(4, 8)), budget=ComputeBudget("cpu", time_budget_s=6.0))
+    write_tiny_cache(cache, n_cases=6, n_lesion_free=1, shape=(16, 16, 16), plans=plans)
+    common = dict(preprocessed_root=cache, device="cpu", num_workers=0, iterations_per_epoch=4)
+    folder = run_training(cache / DATASET, 0, "gdfl", results_root=tmp_path / "planned", **common)
+    report = json.loads((folder / "config.json").read_text())["time_budget"]
+    assert 4.0 < report["budget_s"] <= 6.0 and report["achieved_iterations"] > 0
+    folder = run_training(cache / DATASET, 0, "gdfl", results_root=tmp_path / "fixed", epochs=1, **common)
+    config = json.loads((folder / "config.json").read_text())
+    assert "time_budget" not in config and config["config"]["time_budget_s"] is None

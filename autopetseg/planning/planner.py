@@ -67,6 +67,15 @@ effective throughput per core measured with that network (``CpuPlanSettings.gflo
 The patch grows as on the GPU (3d: at most ``CpuPlanSettings.max_patch_voxels_3d``) until an
 iteration would take ``budget.cpu_seconds_per_iteration`` on ``budget.cpu_cores`` cores.
 
+**CPU time budget** (``budget.time_budget_s``, ``plan_and_preprocess --device cpu --time-budget``).
+The time one fold will train, not a time per iteration: every configuration is sized for
+``time_budget_s / CpuPlanSettings.iterations_for_time_budget`` estimated seconds per iteration
+(``seconds_per_iteration_for``). On a CPU more iterations of a smaller patch beat fewer of a larger
+one until the larger one gets about that many iterations (measured on whole-body phantoms with
+``benchmarks/patch_for_time.py``: the README's "Planning for a time budget"), so a short budget gets a
+small patch and a long one the largest the caps allow. The plans keep the budget as given, so that
+``train`` (without ``--epochs``) trains for it and a second run reuses the plans.
+
 **2d** (``plan_2d``, for the cascades). Coronal slices (``slice_axis = 1``, the y axis), so the
 patch is a (z, x) pair at the 3d target spacing; ``data_identifier`` is the 3d data folder, so the
 data is preprocessed once. The patch grows to the whole median coronal slice if it fits, then the
@@ -103,6 +112,7 @@ IN_CHANNELS = 2  # PET, CT
 OUT_CHANNELS = 2  # background, lesion
 GB = 1024**3
 CORONAL_AXIS = 1  # y in (z, y, x)
+ITERATIONS_FOR_TIME_BUDGET = 1500  # benchmarks/patch_for_time.py (CpuPlanSettings)
 KNOWN_CONFIGURATIONS = ("3d_fullres", "2d", "2d_coronal", "2d_axial",  # 2d_axial: planning/axial2d.py
                         "3d_wholebody")  # planning/wholebody.py
 
@@ -204,6 +214,13 @@ class CpuPlanSettings:
     batch_size: int = 2
     gflops_per_core: float = 12.0
     max_patch_voxels_3d: int = 64**3
+    # A time budget T (``ComputeBudget.time_budget_s``) plans for T / ``iterations_for_time_budget``
+    # estimated seconds per iteration, at least ``min_seconds_per_iteration``: patches that got about
+    # that many estimated iterations in T were the best or within 0.02 held-out DSC of it in 3 and
+    # 10 minutes, with half as many one lost by 0.14 (``benchmarks/patch_for_time.py``, the README's
+    # "Planning for a time budget").
+    iterations_for_time_budget: int = ITERATIONS_FOR_TIME_BUDGET
+    min_seconds_per_iteration: float = 0.05
 
 
 @dataclass
@@ -238,6 +255,14 @@ class PlannerSettings:
 
 # ---------------------------------------------------------------------------------------------
 # spacing, shapes, normalization
+
+
+def seconds_per_iteration_for(budget: ComputeBudget, settings: PlannerSettings) -> float:
+    """The estimated time per training iteration a CPU plan is sized for: from the time budget when
+    there is one (``CpuPlanSettings.iterations_for_time_budget``), else the budget's own figure."""
+    if budget.time_budget_s is None:
+        return budget.cpu_seconds_per_iteration
+    return max(budget.time_budget_s / settings.cpu.iterations_for_time_budget, settings.cpu.min_seconds_per_iteration)
 
 
 def target_spacing(fingerprint: Fingerprint, settings: PlannerSettings) -> list[float]:
@@ -653,6 +678,12 @@ def plan_experiment(
             raise ValueError(f"target_spacing_zyx must be 3 positive numbers, got {target_spacing_zyx}")
     else:
         spacing = target_spacing(fingerprint, settings)
+    if budget.time_budget_s is not None:  # every configuration is sized for the time per iteration the budget gives
+        sizing = replace(budget, cpu_seconds_per_iteration=seconds_per_iteration_for(budget, settings))
+        logger.info("time budget %.0f s: CPU plans sized for %.3f estimated s per iteration (%d iterations)",
+                    budget.time_budget_s, sizing.cpu_seconds_per_iteration, settings.cpu.iterations_for_time_budget)
+    else:
+        sizing = budget
     planners = {"3d_fullres": plan_3d_fullres, "2d": plan_2d,
                 "2d_coronal": lambda *args: plan_2d(*args, name="2d_coronal"),
                 "2d_axial": plan_2d_axial, "3d_wholebody": plan_3d_wholebody}
@@ -662,11 +693,11 @@ def plan_experiment(
     planned: dict[str, ConfigurationPlan] = {}
     for name in configurations:
         if name != "3d_fullres":
-            planned[name] = planners[name](fingerprint, budget, spacing, settings)
+            planned[name] = planners[name](fingerprint, sizing, spacing, settings)
             continue
         for i, network in enumerate(networks):
             key = name if i == 0 else variant_name(name, network)
-            planned[key] = plan_3d_fullres(fingerprint, budget, spacing, settings, network, cost, key)
+            planned[key] = plan_3d_fullres(fingerprint, sizing, spacing, settings, network, cost, key)
     for name, conf in planned.items():
         logger.info(
             "%s: spacing %s mm, patch %s, batch %d, features %s",

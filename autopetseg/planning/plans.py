@@ -93,12 +93,17 @@ class ComputeBudget:
 
     On a CPU the planner sizes the network so that one training iteration (forward, backward and
     optimizer step of one batch) takes about ``cpu_seconds_per_iteration`` on ``cpu_cores`` cores.
+    ``time_budget_s`` (CPU only; ``plan_and_preprocess --time-budget``): the wall-clock time one
+    fold will train. It replaces ``cpu_seconds_per_iteration`` by the time per iteration that gives
+    the measured best accuracy in that time (``planner.seconds_per_iteration_for``), and ``train``
+    without ``--epochs`` or ``--time-budget`` trains for it.
     """
 
     device: str = "cuda"  # "cuda" or "cpu"
     gpu_memory_gb: float = 8.0
     cpu_cores: int = 2
     cpu_seconds_per_iteration: float = 1.0
+    time_budget_s: float | None = None
 
     def validate(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -107,6 +112,12 @@ class ComputeBudget:
             raise ValueError("budget.gpu_memory_gb and budget.cpu_seconds_per_iteration must be positive")
         if not isinstance(self.cpu_cores, int) or self.cpu_cores < 1:
             raise ValueError(f"budget.cpu_cores must be a positive integer, got {self.cpu_cores!r}")
+        if self.time_budget_s is not None:
+            if self.device != "cpu":
+                raise ValueError("a time budget sizes a CPU plan (--device cpu); on a GPU the memory sizes the "
+                                 "plan: give the time to `train --time-budget` instead")
+            if not self.time_budget_s > 0:
+                raise ValueError(f"budget.time_budget_s must be positive, got {self.time_budget_s}")
 
 
 @dataclass

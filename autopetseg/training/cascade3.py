@@ -31,7 +31,9 @@ segmenter's jitter copies. Best checkpoint by mAP@0.5.
 ``cascade3_roi_segmenter`` (Module 3): ``RoiUNet`` on R×R ROIs around the ground-truth boxes,
 each side of a box jittered by N(0, σ · box size) with σ the detector's ``box_error_std`` of the
 same fold (``box_jitter`` when the detector has not been validated), padded by the margin and
-made square (``models/roi.py``). Loss: generalized Dice (Sudre et al., per ROI, background and
+made square (``models/roi.py``). Optionally (``negative_roi_share`` > 0; off by default, as in the
+paper, because it cost held-out DSC when measured) a share of each batch boxes hot spots without
+lesion instead (SUV >= ``negative_roi_suv``, 2.5) with an empty target. Loss: generalized Dice (Sudre et al., per ROI, background and
 lesion classes) + 10 × focal (α 0.25, γ 2). Adam (lr 1e-3: the paper gives none for this
 module, we keep the detector's), batch 32 (the plans' on a CPU). Validation: the 2D Dice of
 every ground-truth ROI (unjittered), and, when the fold's classifier and detector are trained,
@@ -52,6 +54,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -101,6 +104,12 @@ class Cascade3TrainingSettings:
     jitter_from_detector: bool = True  # σ from the fold's detector validation when it has one
     match_iou: float = 0.5  # a detection matches a ground-truth box at this IoU (mAP@0.5)
     nms_ious: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)  # the detector's NMS IoUs tried on validation
+    # A share of each ROI segmenter batch from hot spots that are not lesion (SUV >= negative_roi_suv,
+    # boxed like a lesion), meant to teach it to leave the detector's false boxes empty. Off (the
+    # paper's lesion ROIs only): at 0.25 it cut the false-positive volume by ~0.3 ml but lost
+    # 0.03-0.04 held-out DSC in both runs of benchmarks/cascade3_ablation.py (README, "Trainers").
+    negative_roi_share: float = 0.0
+    negative_roi_suv: float = 2.5  # the common fixed SUV threshold of metabolic tumour volume
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> "Cascade3TrainingSettings":
@@ -222,18 +231,24 @@ class DetectorSampler(SliceSampler):
 
 
 class RoiSampler(SliceSampler):
-    """Ground-truth boxes, jittered, and their R×R ROIs of image and mask."""
+    """Ground-truth boxes, jittered, and their R×R ROIs of image and mask; a share ``negative_share``
+    of each batch boxes hot spots without lesion instead (``hot_spot_boxes``), where there are any."""
 
-    def __init__(self, cases, plan, mirror_axes, jitter: Sequence[float], margin_fraction: float, min_margin: float):
+    def __init__(self, cases, plan, mirror_axes, jitter: Sequence[float], margin_fraction: float, min_margin: float,
+                 negative_share: float = 0.0, hot_suv: float = 2.5):
         super().__init__(cases, plan, mirror_axes)
         self.rois = [(case, z, box) for case, z in self.lesion_slices for box in boxes_from_mask(self.cases[case].seg[z])]
         if not self.rois:
             raise InputError("the ROI segmenter needs training slices with lesions (labels of the training cases)")
         self.jitter, self.margin_fraction, self.min_margin = tuple(jitter), float(margin_fraction), float(min_margin)
+        self.negative_share = float(negative_share)
+        self.negatives = [(c, z, box) for c, case in enumerate(self.cases)
+                          for z, box in hot_spot_boxes(case, hot_suv)] if self.negative_share > 0 else []
 
     def batch(self, rng, size):
         images, targets = [], []
-        for case, z, box in _pick(rng, self.rois, size):
+        n_negative = int(rng.binomial(size, self.negative_share)) if self.negatives else 0
+        for case, z, box in _pick(rng, self.rois, size - n_negative) + _pick(rng, self.negatives, n_negative):
             window = roi_window(jitter_box(box, rng, self.jitter), self.margin_fraction, self.min_margin)
             pet = torch.tensor(np.asarray(self.cases[case].image[0, z]), dtype=torch.float32)
             mean, std = slice_statistics(pet[None], self.frame(case, self.plan.roi_size))
@@ -244,6 +259,23 @@ class RoiSampler(SliceSampler):
             images.append(image.flip(flips) if flips else image)
             targets.append(target.flip(flips) if flips else target)
         return {"data": torch.stack(images), "target": torch.stack(targets)}
+
+
+def hot_spot_boxes(case: CachedCase, suv: float) -> list[tuple[int, np.ndarray]]:
+    """(slice, box) of every 8-connected hot spot (PET >= ``suv``) of each axial slice that touches no
+    lesion voxel: the normal uptake (brain, heart, kidneys, bladder) the detector mistakes for lesion."""
+    pet, seg = np.asarray(case.image[0]), np.asarray(case.seg) > 0
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # connected within a slice only
+    labels, _ = ndimage.label(pet >= suv, structure=structure)
+    touching = np.unique(labels[seg])
+    out = []
+    for k, found in enumerate(ndimage.find_objects(labels), start=1):
+        if found is None or k in touching:
+            continue
+        z, ys, xs = found
+        out.append((int(z.start), np.asarray([xs.start, ys.start, xs.stop, ys.stop], dtype=np.float64)))
+    return out
 
 
 class BatchStream(IterableDataset):
@@ -546,7 +578,7 @@ class RoiSegmenterTrainer(AxialCascadeTrainer):
         jitter = self.jitter()
         log.info("%s: boxes jittered by %s of their size", self.name, list(jitter))
         return RoiSampler(cases, self.axial, self.mirror_axes(), jitter, options["margin_fraction"],
-                          options["min_margin"])
+                          options["min_margin"], self.settings.negative_roi_share, self.settings.negative_roi_suv)
 
     def setup(self, continue_training: bool = False) -> None:
         super().setup(continue_training)

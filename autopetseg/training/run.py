@@ -313,6 +313,18 @@ def check_fold_exists(dataset_dir: Path, fold: int | str, stages, overrides: dic
                              file=path)
 
 
+def planned_time_budget(plans_path: Path) -> float | None:
+    """The time per fold the plans were sized for (``plan_and_preprocess --time-budget``), if any:
+    what ``train`` trains for when given neither ``--epochs`` nor ``--time-budget``."""
+    if not plans_path.is_file():
+        return None  # prepare_trainer names the missing file
+    seconds = Plans.load(plans_path).budget.time_budget_s
+    if seconds is not None:
+        logger.info("training for %.0f s, the time budget %s was planned for (give --epochs or --time-budget "
+                    "to change it)", seconds, plans_path.name)
+    return seconds
+
+
 def run_training(
     dataset: str | Path,
     fold: int | str,
@@ -352,11 +364,13 @@ def run_training(
                                             seed=seed, **overrides)
     if time_budget_s is not None and not time_budget_s > 0:
         raise InputError(f"the time budget must be positive, got {time_budget_s} s")
-    deadline = None if time_budget_s is None else (budget_started or time.time()) + time_budget_s
     weights = [_configured_iterations(s.trainer, epochs, iterations_per_epoch) for s in stages]
     dataset_dir = resolve_preprocessed_dataset(dataset, preprocessed_root)
     check_fold_exists(dataset_dir, fold, stages, overrides)
     check_plans_name(plans_name)
+    if time_budget_s is None and epochs is None and not continue_training:
+        time_budget_s = planned_time_budget(plans_file(dataset_dir, plans_name))
+    deadline = None if time_budget_s is None else (budget_started or time.time()) + time_budget_s
     _guard_earlier_training([stage_dir(model_dir(results_root, dataset_dir.name, spec, plans_name), spec, fold, s.name)
                              for s in stages], continue_training, overwrite)
     ctx, started = init_distributed(resolve_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
