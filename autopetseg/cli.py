@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: plan a network and patch that train in minutes on a CPU")
     p.add_argument("--time-budget", type=_duration, metavar="DURATION",
-                   help="with --device cpu: the time one fold will train (e.g. 20m); the patch is the one that "
-                        "reached the best accuracy in such a time, and `train` without --epochs trains for it")
+                   help="with --device cpu: the time one fold will train (e.g. 20m); the patch is the largest that "
+                        "gets ~1,500 estimated iterations in it (measured best on a CPU; README), and `train` "
+                        "without --epochs trains for it")
     p.add_argument("-np", "--num-processes", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="redo the fingerprint, plans and every case")
     p.add_argument("--plans", default="auto", choices=("auto", "gdfl_paper", "l1dfl_paper"),
