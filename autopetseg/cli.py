@@ -79,8 +79,7 @@ def cmd_plan_and_preprocess(args) -> int:
     from autopetseg.pipeline import plan_and_preprocess
     from autopetseg.planning.plans import ComputeBudget
 
-    budget = (ComputeBudget(device="cpu", time_budget_s=args.time_budget) if args.device == "cpu"
-              else ComputeBudget(device="cuda", gpu_memory_gb=args.gpu_memory, time_budget_s=args.time_budget))
+    budget = ComputeBudget(device=args.device, gpu_memory_gb=args.gpu_memory, time_budget_s=args.time_budget)
     with suv_check_mode(args.suv_check):  # the workers inherit it through the environment
         result = plan_and_preprocess(
             args.dataset,

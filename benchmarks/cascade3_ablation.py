@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                      results_root=gdfl_results, time_budget_s=budget, output_prior=0.01, **common)
     seconds["gdfl_train"] = train_seconds(gdfl_model / f"fold_{fold}")
 
-    # 3. predict and score the held-out phantoms
+    # 5. predict and score the held-out phantoms
     out = work / "scores"
     rows = [
         ("gdfl", predictor_variant(gdfl_model, fold), args.repeats),

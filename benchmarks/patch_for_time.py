@@ -27,16 +27,14 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from time_to_accuracy import _cli  # noqa: E402  (a script beside this one)
+
 DATASET = "Dataset002_WholeBody"
-
-
-def _cli(*arguments) -> None:
-    subprocess.run([sys.executable, "-m", "autopetseg", *map(str, arguments)], check=True)
 
 
 def make_data(args) -> tuple[Path, Path]:

@@ -112,7 +112,6 @@ IN_CHANNELS = 2  # PET, CT
 OUT_CHANNELS = 2  # background, lesion
 GB = 1024**3
 CORONAL_AXIS = 1  # y in (z, y, x)
-ITERATIONS_FOR_TIME_BUDGET = 1500  # benchmarks/patch_for_time.py (CpuPlanSettings)
 KNOWN_CONFIGURATIONS = ("3d_fullres", "2d", "2d_coronal", "2d_axial",  # 2d_axial: planning/axial2d.py
                         "3d_wholebody")  # planning/wholebody.py
 
@@ -219,7 +218,7 @@ class CpuPlanSettings:
     # that many estimated iterations in T were the best or within 0.02 held-out DSC of it in 3 and
     # 10 minutes, with half as many one lost by 0.14 (``benchmarks/patch_for_time.py``, the README's
     # "Planning for a time budget").
-    iterations_for_time_budget: int = ITERATIONS_FOR_TIME_BUDGET
+    iterations_for_time_budget: int = 1500
     min_seconds_per_iteration: float = 0.05
 
 
@@ -678,12 +677,11 @@ def plan_experiment(
             raise ValueError(f"target_spacing_zyx must be 3 positive numbers, got {target_spacing_zyx}")
     else:
         spacing = target_spacing(fingerprint, settings)
-    if budget.time_budget_s is not None:  # every configuration is sized for the time per iteration the budget gives
-        sizing = replace(budget, cpu_seconds_per_iteration=seconds_per_iteration_for(budget, settings))
+    # Every configuration is sized for the time per iteration the budget gives; the plans keep the budget as given.
+    sizing = replace(budget, cpu_seconds_per_iteration=seconds_per_iteration_for(budget, settings))
+    if budget.time_budget_s is not None:
         logger.info("time budget %.0f s: CPU plans sized for %.3f estimated s per iteration (%d iterations)",
                     budget.time_budget_s, sizing.cpu_seconds_per_iteration, settings.cpu.iterations_for_time_budget)
-    else:
-        sizing = budget
     planners = {"3d_fullres": plan_3d_fullres, "2d": plan_2d,
                 "2d_coronal": lambda *args: plan_2d(*args, name="2d_coronal"),
                 "2d_axial": plan_2d_axial, "3d_wholebody": plan_3d_wholebody}

@@ -268,7 +268,7 @@ def hot_spot_boxes(case: CachedCase, suv: float) -> list[tuple[int, np.ndarray]]
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True  # connected within a slice only
     labels, _ = ndimage.label(pet >= suv, structure=structure)
-    touching = np.unique(labels[seg])
+    touching = set(np.unique(labels[seg]).tolist())
     out = []
     for k, found in enumerate(ndimage.find_objects(labels), start=1):
         if found is None or k in touching:
